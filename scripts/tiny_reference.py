@@ -1,0 +1,429 @@
+"""HF transformers reference outputs and on-disk BnB layout checks for tiny checkpoints.
+
+Used by ``build_tiny_checkpoints.py``. Everything here reads a checkpoint directory exactly as
+a user (or vLLM) would: config, tokenizer/processor and weights all come from the saved files.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import math
+import os
+import struct
+import warnings
+import wave
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import bitsandbytes as bnb
+import numpy as np
+import torch
+import transformers
+from PIL import Image
+from torch import nn
+
+DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+GREEDY_STEPS = 8
+TOP_LOGPROBS = 10
+
+IMAGE_SIZE = (64, 48)  # (width, height), as PIL and the OpenAI image size convention use
+IMAGE_COLORS = {"red": (255, 0, 0), "blue": (0, 0, 255)}
+IMAGE_QUESTION = "What color is this?"
+AUDIO_FILE = "tone.wav"
+AUDIO_QUESTION = "What is this sound?"
+AUDIO_SAMPLE_RATE = 16_000
+TEXT_PROMPTS = ("Hello, how are you today?", "Tell me a short story about a red fox.")
+
+# BnB module classes whose forward needs packed weights plus a quant state.
+_PACKED_LINEAR_TYPES = (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt)
+
+
+# --------------------------------------------------------------------------------------------
+# Cases
+# --------------------------------------------------------------------------------------------
+
+
+def _text_message(text: str) -> list[dict[str, Any]]:
+    return [{"role": "user", "content": text}]
+
+
+def _data_url(mime: str, payload: bytes) -> str:
+    return f"data:{mime};base64,{base64.b64encode(payload).decode('ascii')}"
+
+
+def write_images(ckpt_dir: Path) -> None:
+    """Solid-color PNGs; PNG is lossless, so vLLM decodes exactly these pixels."""
+    for color, rgb in IMAGE_COLORS.items():
+        Image.new("RGB", IMAGE_SIZE, rgb).save(ckpt_dir / f"{color}.png", format="PNG")
+
+
+def write_audio(ckpt_dir: Path) -> None:
+    """0.5 s, 440 Hz tone as 16-bit mono PCM WAV at the feature extractor's sampling rate.
+
+    int16 samples make the float waveform unambiguous (sample / 32768) whichever decoder vLLM
+    uses, and 16 kHz means no resampling on either side.
+    """
+    t = np.arange(AUDIO_SAMPLE_RATE // 2) / AUDIO_SAMPLE_RATE
+    samples = np.round(0.5 * 32767 * np.sin(2 * math.pi * 440.0 * t)).astype("<i2")
+    with wave.open(str(ckpt_dir / AUDIO_FILE), "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(AUDIO_SAMPLE_RATE)
+        w.writeframes(samples.tobytes())
+
+
+def _read_wav(path: Path) -> np.ndarray:
+    with wave.open(str(path), "rb") as w:
+        frames = w.readframes(w.getnframes())
+    return np.frombuffer(frames, dtype="<i2").astype(np.float32) / 32768.0
+
+
+def build_cases(ckpt_dir: Path, *, images: bool, audio: bool) -> list[dict[str, Any]]:
+    """The fixed case list. ``messages`` are ready to send to vLLM's OpenAI chat endpoint."""
+    cases: list[dict[str, Any]] = [
+        {"name": f"text-{i}", "kind": "text", "messages": _text_message(prompt)}
+        for i, prompt in enumerate(TEXT_PROMPTS)
+    ]
+    if images:
+        for color in IMAGE_COLORS:
+            file = f"{color}.png"
+            url = _data_url("image/png", (ckpt_dir / file).read_bytes())
+            content = [
+                {"type": "image_url", "image_url": {"url": url}},
+                {"type": "text", "text": IMAGE_QUESTION},
+            ]
+            cases.append(
+                {
+                    "name": f"image-{color}",
+                    "kind": "image",
+                    "media_file": file,
+                    "messages": [{"role": "user", "content": content}],
+                }
+            )
+    if audio:
+        data = base64.b64encode((ckpt_dir / AUDIO_FILE).read_bytes()).decode("ascii")
+        content = [
+            {"type": "input_audio", "input_audio": {"data": data, "format": "wav"}},
+            {"type": "text", "text": AUDIO_QUESTION},
+        ]
+        cases.append(
+            {
+                "name": "audio-tone",
+                "kind": "audio",
+                "media_file": AUDIO_FILE,
+                "messages": [{"role": "user", "content": content}],
+            }
+        )
+    return cases
+
+
+def _hf_messages(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """OpenAI parts -> HF chat-template parts, the same mapping vLLM applies."""
+    out = []
+    for msg in messages:
+        content = msg["content"]
+        if isinstance(content, str):
+            content = [{"type": "text", "text": content}]
+        parts = []
+        for part in content:
+            kind = part["type"]
+            if kind == "text":
+                parts.append({"type": "text", "text": part["text"]})
+            elif kind == "image_url":
+                parts.append({"type": "image"})
+            elif kind == "input_audio":
+                parts.append({"type": "audio"})
+            else:
+                raise ValueError(f"unsupported content part {kind!r}")
+        out.append({"role": msg["role"], "content": parts})
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Prompt encoding (must equal what vLLM sends to the model)
+# --------------------------------------------------------------------------------------------
+
+
+def load_processor(ckpt_dir: Path, family: str) -> Any:
+    """Tokenizer (llama) or Gemma4Processor (gemma4), loaded the way vLLM 0.32 loads it.
+
+    vLLM calls ``Gemma4Processor.from_pretrained(path)`` without a ``backend`` kwarg, so the
+    image processor is transformers' default: the torchvision backend when torchvision is
+    installed (the PIL backend differs by up to 1/255 per pixel after resizing).
+    """
+    if family == "llama":
+        return transformers.AutoTokenizer.from_pretrained(ckpt_dir)
+    return transformers.AutoProcessor.from_pretrained(ckpt_dir)
+
+
+def encode_case(
+    processor: Any, family: str, case: dict[str, Any], ckpt_dir: Path
+) -> dict[str, torch.Tensor]:
+    """Model inputs for one case; chat template rendered, no extra BOS (vLLM adds none)."""
+    if family == "llama":
+        text = processor.apply_chat_template(
+            case["messages"], add_generation_prompt=True, tokenize=False
+        )
+        ids = processor(text, add_special_tokens=False)["input_ids"]
+        return {"input_ids": torch.tensor([ids])}
+    text = processor.apply_chat_template(
+        _hf_messages(case["messages"]), add_generation_prompt=True, tokenize=False
+    )
+    media: dict[str, Any] = {}
+    if case["kind"] == "image":
+        # vLLM decodes the data URL with PIL and converts to RGB before the HF processor.
+        media["images"] = [Image.open(ckpt_dir / case["media_file"]).convert("RGB")]
+    elif case["kind"] == "audio":
+        media["audio"] = [_read_wav(ckpt_dir / case["media_file"])]
+    # add_special_tokens=False: the template already starts with <bos>; the processor would
+    # otherwise prepend a second one.
+    return dict(processor(text=text, add_special_tokens=False, return_tensors="pt", **media))
+
+
+# --------------------------------------------------------------------------------------------
+# Model loading
+# --------------------------------------------------------------------------------------------
+
+
+def _set_bnb_compute_dtype(model: nn.Module, dtype: torch.dtype) -> None:
+    # transformers ignores a quantization_config passed for an already-quantized checkpoint and
+    # keeps the saved bnb_4bit_compute_dtype, so the fp32 reference sets it on the modules.
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            module.compute_dtype = dtype
+
+
+def _plain_lm_head(head: nn.Linear, dtype: torch.dtype) -> tuple[nn.Linear, str]:
+    weight = head.weight
+    quant_state = getattr(weight, "quant_state", None)
+    linear = nn.Linear(head.in_features, head.out_features, bias=False)
+    if quant_state is not None:
+        data = bnb.functional.dequantize_4bit(weight.data, quant_state).to(dtype)
+        linear.weight = nn.Parameter(data, requires_grad=False)
+        return linear, "lm_head was Linear4bit; replaced by nn.Linear with dequantize_4bit weight"
+    # Tied embeddings: the Linear4bit wraps the plain bf16 embedding tensor and has no quant
+    # state, so its forward asserts. Keep the tie by reusing that tensor.
+    linear.weight = weight
+    return linear, (
+        "lm_head was a Linear4bit wrapping the tied, unquantized embedding (no quant state; HF "
+        "forward raises AssertionError); replaced by nn.Linear sharing the embedding weight"
+    )
+
+
+def _probe(model: nn.Module, inputs: dict[str, torch.Tensor]) -> Exception | None:
+    try:
+        with torch.no_grad():
+            model(**inputs, use_cache=False)
+    except Exception as exc:  # noqa: BLE001 - any failure means HF cannot run it as saved
+        return exc
+    return None
+
+
+def load_reference_model(
+    ckpt_dir: Path, architecture: str, dtype: torch.dtype, probe_inputs: dict[str, torch.Tensor]
+) -> tuple[nn.Module, list[str]]:
+    """Load the saved checkpoint (quantized weights as stored) and make HF inference run.
+
+    Returns the model and notes about anything that had to be patched.
+    """
+    cls = getattr(transformers, architecture)
+    model = cls.from_pretrained(ckpt_dir, dtype=dtype).eval()
+    _set_bnb_compute_dtype(model, dtype)
+    notes: list[str] = []
+    error = _probe(model, probe_inputs)
+    if error is None:
+        return model, notes
+    head = model.get_output_embeddings()
+    if not isinstance(head, bnb.nn.Linear4bit):
+        raise RuntimeError(f"HF inference fails for {ckpt_dir.name}") from error
+    new_head, note = _plain_lm_head(head, dtype)
+    model.set_output_embeddings(new_head)
+    notes.append(f"{note} (original error: {type(error).__name__}: {error})".strip())
+    error = _probe(model, probe_inputs)
+    if error is not None:
+        raise RuntimeError(f"HF inference still fails for {ckpt_dir.name}") from error
+    return model, notes
+
+
+# --------------------------------------------------------------------------------------------
+# Reference computation
+# --------------------------------------------------------------------------------------------
+
+
+def _log_probs(model: nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+    with torch.no_grad():
+        logits = model(**inputs, use_cache=False).logits[0]
+    return torch.log_softmax(logits.float(), dim=-1)
+
+
+def _append_token(inputs: dict[str, torch.Tensor], token: int) -> dict[str, torch.Tensor]:
+    out = dict(inputs)
+    out["input_ids"] = torch.cat([inputs["input_ids"], torch.tensor([[token]])], dim=1)
+    # Generated tokens are text: attention 1, multimodal token type 0.
+    for key, fill in (("attention_mask", 1), ("mm_token_type_ids", 0), ("token_type_ids", 0)):
+        if key in inputs:
+            extra = torch.full((1, 1), fill, dtype=inputs[key].dtype)
+            out[key] = torch.cat([inputs[key], extra], dim=1)
+    return out
+
+
+def _cast_floats(inputs: dict[str, torch.Tensor], dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    # vLLM casts every floating processor output (pixel_values, input_features) to the model
+    # dtype before the encoder runs; do the same.
+    return {k: v.to(dtype) if v.is_floating_point() else v for k, v in inputs.items()}
+
+
+def reference_for_case(
+    model: nn.Module, inputs: dict[str, torch.Tensor], dtype: torch.dtype
+) -> dict[str, Any]:
+    """Prompt logprobs, top next-token logprobs and a free-running greedy continuation."""
+    inputs = _cast_floats(inputs, dtype)
+    ids = inputs["input_ids"][0].tolist()
+    lp = _log_probs(model, inputs)
+    prompt_lp = lp[:-1].gather(1, torch.tensor(ids[1:]).unsqueeze(1)).squeeze(1)
+    top = lp[-1].topk(TOP_LOGPROBS)
+    greedy_ids: list[int] = []
+    greedy_lps: list[float] = []
+    margins: list[float] = []
+    step_lp = lp[-1]
+    for _ in range(GREEDY_STEPS):
+        best = step_lp.topk(2)
+        token = int(best.indices[0])
+        greedy_ids.append(token)
+        greedy_lps.append(float(best.values[0]))
+        margins.append(float(best.values[0] - best.values[1]))
+        inputs = _append_token(inputs, token)
+        step_lp = _log_probs(model, inputs)[-1]
+    return {
+        "prompt_token_ids": ids,
+        "prompt_logprobs": [float(x) for x in prompt_lp],
+        "next_top_logprobs": [[int(i), float(v)] for i, v in zip(top.indices, top.values)],
+        "greedy_token_ids": greedy_ids,
+        "greedy_logprobs": greedy_lps,
+        "greedy_top2_margins": margins,
+    }
+
+
+def compute_references(
+    ckpt_dir: Path, family: str, architecture: str, cases: list[dict[str, Any]]
+) -> tuple[dict[str, dict[str, Any]], list[str], dict[str, Any]]:
+    """Run every case in fp32 and bf16. Returns (references, notes, processor info)."""
+    processor = load_processor(ckpt_dir, family)
+    encoded = {case["name"]: encode_case(processor, family, case, ckpt_dir) for case in cases}
+    references: dict[str, dict[str, Any]] = {}
+    notes: list[str] = []
+    for dtype_name, dtype in DTYPES.items():
+        probe = _cast_floats(encoded[cases[0]["name"]], dtype)
+        with warnings.catch_warnings():
+            # bnb warns on every int8 matmul that inputs are cast to fp16 (expected on CPU).
+            warnings.filterwarnings("ignore", message="MatMul8bitLt")
+            model, load_notes = load_reference_model(ckpt_dir, architecture, dtype, probe)
+            notes += [f"{dtype_name}: {n}" for n in load_notes]
+            references[dtype_name] = {
+                name: reference_for_case(model, inputs, dtype) for name, inputs in encoded.items()
+            }
+        del model
+    _check_same_prompts(references)
+    return references, notes, _processor_info(processor)
+
+
+def _check_same_prompts(references: dict[str, dict[str, Any]]) -> None:
+    per_dtype = [{n: r["prompt_token_ids"] for n, r in refs.items()} for refs in references.values()]
+    if any(p != per_dtype[0] for p in per_dtype):
+        raise AssertionError("prompt token ids differ between dtypes")
+
+
+def _processor_info(processor: Any) -> dict[str, Any]:
+    info: dict[str, Any] = {"processor_class": type(processor).__name__}
+    image_processor = getattr(processor, "image_processor", None)
+    if image_processor is not None:
+        info["image_processor_class"] = type(image_processor).__name__
+        info["image_processor_backend"] = (
+            "pil" if type(image_processor).__name__.endswith("Pil") else "torchvision"
+        )
+    return info
+
+
+# --------------------------------------------------------------------------------------------
+# On-disk layout
+# --------------------------------------------------------------------------------------------
+
+
+def read_safetensors_header(path: Path) -> dict[str, dict[str, Any]]:
+    """Tensor name -> {dtype, shape, data_offsets}, straight from the file header."""
+    with path.open("rb") as f:
+        (length,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(length))
+    header.pop("__metadata__", None)
+    return header
+
+
+def checkpoint_header(ckpt_dir: Path) -> dict[str, dict[str, Any]]:
+    header: dict[str, dict[str, Any]] = {}
+    for file in sorted(ckpt_dir.glob("*.safetensors")):
+        header.update(read_safetensors_header(file))
+    return header
+
+
+def packed_modules(header: dict[str, dict[str, Any]]) -> dict[str, str]:
+    """Module name -> "nf4" | "fp4" | "int8" for every Linear stored in BnB packed form."""
+    packed: dict[str, str] = {}
+    marker = ".weight.quant_state.bitsandbytes__"
+    for key in header:
+        if marker in key:
+            module, fmt = key.split(marker)
+            _expect_dtype(header, f"{module}.weight", "U8")
+            packed[module] = fmt
+        elif key.endswith(".SCB"):
+            module = key.removesuffix(".SCB")
+            _expect_dtype(header, f"{module}.weight", "I8")
+            packed[module] = "int8"
+    return dict(sorted(packed.items()))
+
+
+def _expect_dtype(header: dict[str, dict[str, Any]], key: str, dtype: str) -> None:
+    actual = header.get(key, {}).get("dtype")
+    if actual != dtype:
+        raise AssertionError(f"{key}: expected {dtype}, found {actual}")
+
+
+def four_bit_keys(module: str, double_quant: bool, fmt: str) -> set[str]:
+    """Every tensor transformers+bitsandbytes write for one 4-bit Linear."""
+    suffixes = ["", ".absmax", ".quant_map", f".quant_state.bitsandbytes__{fmt}"]
+    if double_quant:
+        suffixes += [".nested_absmax", ".nested_quant_map"]
+    return {f"{module}.weight{s}" for s in suffixes}
+
+
+def module_group(name: str) -> str:
+    """Coarse component of a Linear module, used to state which parts a variant quantizes."""
+    if name == "lm_head":
+        return "lm_head"
+    for group in ("vision_tower", "embed_vision", "audio_tower", "embed_audio"):
+        if name.startswith(f"model.{group}."):
+            return group
+    leaf = name.rsplit(".", 1)[-1]
+    if leaf in ("per_layer_model_projection", "per_layer_input_gate", "per_layer_projection"):
+        return "ple"
+    return "text"
+
+
+def linear_module_names(model: nn.Module) -> list[str]:
+    """Names of all Linear layers (BnB ones included: they subclass nn.Linear)."""
+    return sorted(name for name, m in model.named_modules() if isinstance(m, nn.Linear))
+
+
+def expected_packed(
+    linear_modules: Iterable[str], groups: Iterable[str], fmt: str, tied_lm_head: bool
+) -> dict[str, str]:
+    groups = set(groups)
+    return {
+        name: fmt
+        for name in sorted(linear_modules)
+        if module_group(name) in groups and not (name == "lm_head" and tied_lm_head)
+    }

@@ -1,0 +1,287 @@
+"""Reading BnB safetensors checkpoints: headers, module layout, quant states.
+
+A transformers + bitsandbytes checkpoint stores, for every quantized Linear `P`:
+- 4-bit: `P.weight` (packed uint8), `P.weight.absmax`, `P.weight.quant_map`, optional
+  `P.weight.nested_absmax` / `P.weight.nested_quant_map` (double quant) and
+  `P.weight.quant_state.bitsandbytes__nf4|fp4` (JSON bytes);
+- 8-bit: `P.weight` (int8 [out, in]), `P.SCB` (fp32 row scales), `P.weight_format`.
+Everything else is a plain tensor. The tensors, not the config's skip list, say what is
+quantized, so the layout is read from the headers before the model is built.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+
+QuantKind = Literal["4bit", "8bit"]
+
+FOURBIT_STATE_SUFFIXES = (
+    "absmax",
+    "quant_map",
+    "nested_absmax",
+    "nested_quant_map",
+    "quant_state.bitsandbytes__nf4",
+    "quant_state.bitsandbytes__fp4",
+)
+EIGHTBIT_STATE_SUFFIXES = ("SCB", "weight_format")
+MAX_HEADER_BYTES = 100 * 1024 * 1024
+MAX_QUANT_STATE_JSON_BYTES = 64 * 1024
+
+_SAFETENSORS_DTYPES = {
+    "BOOL": torch.bool,
+    "U8": torch.uint8,
+    "I8": torch.int8,
+    "I16": torch.int16,
+    "U16": torch.uint16,
+    "I32": torch.int32,
+    "U32": torch.uint32,
+    "I64": torch.int64,
+    "U64": torch.uint64,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "F32": torch.float32,
+    "F64": torch.float64,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
+}
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be loaded; the message names the tensor and file."""
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    name: str
+    file: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    start: int  # byte offset of the data inside the file
+    end: int
+
+
+@dataclass
+class QuantizedWeight:
+    """One packed weight and the names of its quant-state tensors."""
+
+    weight: str
+    kind: QuantKind
+    state_tensors: dict[str, str] = field(default_factory=dict)  # suffix -> full name
+
+
+@dataclass
+class CheckpointLayout:
+    """What the checkpoint's own tensors say: every tensor, and which weights are packed."""
+
+    tensors: dict[str, TensorInfo]
+    quantized: dict[str, QuantizedWeight]  # weight name -> packed weight
+
+    @property
+    def state_tensor_names(self) -> set[str]:
+        return {n for q in self.quantized.values() for n in q.state_tensors.values()}
+
+    def module_kinds(self) -> dict[str, QuantKind | Literal["plain"]]:
+        """`module -> 4bit | 8bit | plain` for every module with a `.weight` tensor."""
+        kinds: dict[str, QuantKind | Literal["plain"]] = {}
+        for name in self.tensors:
+            if name.endswith(".weight"):
+                kinds[name.removesuffix(".weight")] = "plain"
+        for weight, q in self.quantized.items():
+            kinds[weight.removesuffix(".weight")] = q.kind
+        return kinds
+
+
+def read_safetensors_header(path: str) -> dict[str, TensorInfo]:
+    """Parse a safetensors header without reading tensor data."""
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        raw_len = f.read(8)
+        if len(raw_len) != 8:
+            raise CheckpointError(f"{path}: file is too short to be safetensors")
+        (header_len,) = struct.unpack("<Q", raw_len)
+        if header_len > MAX_HEADER_BYTES or 8 + header_len > size:
+            raise CheckpointError(
+                f"{path}: header length {header_len} exceeds the file size {size} "
+                "(truncated or not a safetensors file)"
+            )
+        try:
+            header = json.loads(f.read(header_len))
+        except json.JSONDecodeError as e:
+            raise CheckpointError(f"{path}: safetensors header is not valid JSON: {e}") from e
+    data_start = 8 + header_len
+    infos: dict[str, TensorInfo] = {}
+    for name, meta in header.items():
+        if name == "__metadata__":
+            continue
+        infos[name] = _tensor_info(path, name, meta, data_start, size)
+    return infos
+
+
+def _tensor_info(path: str, name: str, meta: dict, data_start: int, size: int) -> TensorInfo:
+    try:
+        dtype = _SAFETENSORS_DTYPES[meta["dtype"]]
+        shape = tuple(int(d) for d in meta["shape"])
+        begin, end = (int(o) for o in meta["data_offsets"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(f"{path}: tensor {name!r} has a malformed header entry {meta}") from e
+    numel = 1
+    for d in shape:
+        numel *= d
+    expected = numel * dtype.itemsize
+    if end - begin != expected:
+        raise CheckpointError(
+            f"{path}: tensor {name!r} header says {meta['dtype']}{list(shape)} "
+            f"({expected} bytes) but its data span is {end - begin} bytes"
+        )
+    if data_start + end > size:
+        raise CheckpointError(
+            f"{path}: tensor {name!r} ends at byte {data_start + end}, past the end of the "
+            f"file ({size} bytes): the file is truncated"
+        )
+    return TensorInfo(name, path, dtype, shape, data_start + begin, data_start + end)
+
+
+def scan_checkpoint(files: list[str]) -> CheckpointLayout:
+    """Read every header once and group each packed weight with its quant-state tensors."""
+    tensors: dict[str, TensorInfo] = {}
+    for path in files:
+        for name, info in read_safetensors_header(path).items():
+            if name in tensors:
+                raise CheckpointError(
+                    f"tensor {name!r} appears in both {tensors[name].file} and {path}"
+                )
+            tensors[name] = info
+    return CheckpointLayout(tensors, _group_quantized(tensors))
+
+
+def _group_quantized(tensors: dict[str, TensorInfo]) -> dict[str, QuantizedWeight]:
+    quantized: dict[str, QuantizedWeight] = {}
+    for name in tensors:
+        for suffix in FOURBIT_STATE_SUFFIXES:
+            if name.endswith(".weight." + suffix):
+                weight = name[: -len(suffix) - 1]
+                q = quantized.setdefault(weight, QuantizedWeight(weight, "4bit"))
+                q.state_tensors[suffix] = name
+        for suffix in EIGHTBIT_STATE_SUFFIXES:
+            if name.endswith("." + suffix) and not name.endswith(".weight." + suffix):
+                weight = name[: -len(suffix) - 1] + ".weight"
+                q = quantized.setdefault(weight, QuantizedWeight(weight, "8bit"))
+                if q.kind != "8bit":
+                    raise CheckpointError(
+                        f"tensor {name!r} ({tensors[name].file}) is 8-bit state but "
+                        f"{weight!r} also has 4-bit state"
+                    )
+                q.state_tensors[suffix] = name
+    for weight, q in quantized.items():
+        _check_group(weight, q, tensors)
+    return quantized
+
+
+def _check_group(weight: str, q: QuantizedWeight, tensors: dict[str, TensorInfo]) -> None:
+    some_file = tensors[next(iter(q.state_tensors.values()))].file
+    if weight not in tensors:
+        raise CheckpointError(
+            f"{some_file}: quant state {sorted(q.state_tensors.values())} found but the "
+            f"packed weight {weight!r} itself is missing"
+        )
+    info = tensors[weight]
+    if q.kind == "4bit":
+        json_keys = [k for k in q.state_tensors if k.startswith("quant_state.")]
+        required = {"absmax": "absmax", "quant_map": "quant_map"}
+        missing = [f"{weight}.{v}" for k, v in required.items() if k not in q.state_tensors]
+        if not json_keys:
+            missing.append(f"{weight}.quant_state.bitsandbytes__nf4|fp4")
+        if len(json_keys) > 1:
+            raise CheckpointError(
+                f"{info.file}: {weight!r} has both nf4 and fp4 quant-state JSON tensors"
+            )
+        if ("nested_absmax" in q.state_tensors) != ("nested_quant_map" in q.state_tensors):
+            missing.append(f"{weight}.nested_absmax / nested_quant_map (double quant pair)")
+        if missing:
+            raise CheckpointError(
+                f"{info.file}: 4-bit weight {weight!r} is missing quant-state tensor(s): "
+                + ", ".join(missing)
+                + ". Re-save the checkpoint with transformers + bitsandbytes."
+            )
+        if info.dtype != torch.uint8:
+            raise CheckpointError(
+                f"{info.file}: 4-bit weight {weight!r} is stored as {info.dtype}; only uint8 "
+                "quant storage is supported (bnb_4bit_quant_storage='uint8')"
+            )
+    else:
+        if "SCB" not in q.state_tensors:
+            raise CheckpointError(
+                f"{info.file}: 8-bit weight {weight!r} is missing its row scales "
+                f"{weight.removesuffix('.weight')}.SCB"
+            )
+        if info.dtype != torch.int8:
+            raise CheckpointError(
+                f"{info.file}: 8-bit weight {weight!r} is stored as {info.dtype}, expected int8"
+            )
+
+
+def find_unpaired_packed_weights(layout: CheckpointLayout) -> list[TensorInfo]:
+    """Integer `.weight` tensors that have no quant state: a quant state was dropped."""
+    return [
+        info
+        for name, info in layout.tensors.items()
+        if name.endswith(".weight")
+        and info.dtype in (torch.uint8, torch.int8)
+        and name not in layout.quantized
+    ]
+
+
+class FileReader:
+    """Reads each safetensors file once into memory and hands out views of it."""
+
+    def __init__(self) -> None:
+        self._buffers: dict[str, torch.Tensor] = {}
+
+    def buffer(self, path: str) -> torch.Tensor:
+        buf = self._buffers.get(path)
+        if buf is None:
+            size = os.path.getsize(path)
+            buf = torch.empty(size, dtype=torch.uint8)
+            with open(path, "rb", buffering=0) as f:
+                n = f.readinto(memoryview(buf.numpy()))
+            if n != size:
+                raise CheckpointError(f"{path}: read {n} of {size} bytes")
+            self._buffers[path] = buf
+        return buf
+
+    def tensor(self, info: TensorInfo) -> torch.Tensor:
+        """A view into the file's buffer if it is loaded, else a read of this span only."""
+        buf = self._buffers.get(info.file)
+        raw = buf[info.start : info.end] if buf is not None else self._read_span(info)
+        if info.dtype.itemsize > 1 and info.start % info.dtype.itemsize:
+            raw = raw.clone()  # unaligned data cannot be viewed as a wider dtype
+        return raw.view(info.dtype).reshape(info.shape)
+
+    @staticmethod
+    def _read_span(info: TensorInfo) -> torch.Tensor:
+        out = torch.empty(info.end - info.start, dtype=torch.uint8)
+        with open(info.file, "rb", buffering=0) as f:
+            f.seek(info.start)
+            n = f.readinto(memoryview(out.numpy()))
+        if n != out.numel():
+            raise CheckpointError(f"{info.file}: tensor {info.name!r} is truncated")
+        return out
+
+    def release(self, path: str) -> None:
+        self._buffers.pop(path, None)
+
+
+def iter_files_in_order(layout: CheckpointLayout) -> Iterator[tuple[str, list[TensorInfo]]]:
+    """Tensors grouped by file, in file order, each file's tensors by offset."""
+    by_file: dict[str, list[TensorInfo]] = {}
+    for info in layout.tensors.values():
+        by_file.setdefault(info.file, []).append(info)
+    for path in sorted(by_file):
+        yield path, sorted(by_file[path], key=lambda i: i.start)

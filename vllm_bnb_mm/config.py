@@ -1,0 +1,163 @@
+"""The `bitsandbytes` quantization config: which layers are BnB, decided by the tensors."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import torch
+from vllm.logger import init_logger
+from vllm.model_executor.layers.linear import LinearBase, UnquantizedLinearMethod
+from vllm.model_executor.layers.quantization import QuantizationConfig
+
+logger = init_logger(__name__)
+
+ModuleKind = Literal["4bit", "8bit", "plain"]
+
+# Fused vLLM modules and the checkpoint modules they stack, used when a model class
+# declares no `packed_modules_mapping` of its own.
+DEFAULT_PACKED_MODULES = {
+    "qkv_proj": ["q_proj", "k_proj", "v_proj"],
+    "gate_up_proj": ["gate_proj", "up_proj"],
+}
+
+
+class BnbConfig(QuantizationConfig):
+    """bitsandbytes 4-bit (nf4/fp4) and 8-bit (LLM.int8) weights.
+
+    Pre-quantized checkpoints: the loader reads the safetensors headers before the
+    model is built and calls `set_module_kinds`; a layer is BnB exactly when its
+    checkpoint tensors are packed. In-flight (`--quantization bitsandbytes` on a plain
+    checkpoint): every linear layer not in the skip list is quantized while loading.
+    """
+
+    def __init__(
+        self,
+        load_in_8bit: bool = False,
+        load_in_4bit: bool = True,
+        bnb_4bit_quant_type: str = "nf4",
+        bnb_4bit_blocksize: int = 64,
+        llm_int8_threshold: float = 6.0,
+        llm_int8_skip_modules: list[str] | None = None,
+        pre_quantized: bool = False,
+    ) -> None:
+        super().__init__()
+        if bnb_4bit_quant_type not in ("nf4", "fp4"):
+            raise ValueError(
+                f"bnb_4bit_quant_type must be 'nf4' or 'fp4', got {bnb_4bit_quant_type!r}"
+            )
+        self.load_in_8bit = load_in_8bit
+        self.load_in_4bit = load_in_4bit and not load_in_8bit
+        self.quant_type = bnb_4bit_quant_type
+        self.blocksize = bnb_4bit_blocksize
+        self.llm_int8_threshold = llm_int8_threshold
+        self.skip_modules = list(llm_int8_skip_modules or [])
+        self.pre_quantized = pre_quantized
+        # vLLM module name -> kind, from the checkpoint's tensors (set by the loader).
+        self.module_kinds: dict[str, ModuleKind] | None = None
+
+    def __repr__(self) -> str:
+        bits = "8bit" if self.load_in_8bit else f"4bit-{self.quant_type}"
+        return f"BnbConfig({bits}, pre_quantized={self.pre_quantized})"
+
+    @classmethod
+    def get_name(cls) -> str:
+        return "bitsandbytes"
+
+    @classmethod
+    def get_supported_act_dtypes(cls) -> list[torch.dtype]:
+        return [torch.float32, torch.float16, torch.bfloat16]
+
+    @classmethod
+    def get_min_capability(cls) -> int:
+        return 70
+
+    @staticmethod
+    def get_config_filenames() -> list[str]:
+        return []
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any]) -> BnbConfig:
+        known = {
+            "load_in_8bit", "load_in_4bit", "bnb_4bit_quant_type", "llm_int8_threshold",
+            "llm_int8_skip_modules",
+        }
+        kwargs = {k: config[k] for k in known if config.get(k) is not None}
+        if not kwargs.get("load_in_8bit") and not kwargs.get("load_in_4bit", True):
+            raise ValueError(
+                "quantization_config has quant_method 'bitsandbytes' but neither "
+                "load_in_4bit nor load_in_8bit is true"
+            )
+        return cls(**kwargs, pre_quantized=config.get("quant_method") == "bitsandbytes")
+
+    @property
+    def kind(self) -> ModuleKind:
+        return "8bit" if self.load_in_8bit else "4bit"
+
+    def set_module_kinds(self, kinds: dict[str, ModuleKind]) -> None:
+        self.module_kinds = kinds
+
+    def get_quant_method(self, layer: torch.nn.Module, prefix: str):
+        if not isinstance(layer, LinearBase):
+            return None
+        from .linear import BnbLinearMethod
+
+        kind = self.layer_kind(prefix)
+        if kind == "plain":
+            return UnquantizedLinearMethod()
+        return BnbLinearMethod(self, kind, prefix)
+
+    def layer_kind(self, prefix: str) -> ModuleKind:
+        """4bit / 8bit / plain for the vLLM layer at `prefix`."""
+        if self.pre_quantized and self.module_kinds is None:
+            raise ValueError(
+                "This checkpoint is pre-quantized with bitsandbytes: load it with "
+                "`--load-format bitsandbytes` (LLM(..., load_format='bitsandbytes'))"
+            )
+        if self.module_kinds is not None:
+            kinds = [
+                self.module_kinds[m] for m in self._checkpoint_modules(prefix)
+                if m in self.module_kinds
+            ]
+            quantized = [k for k in kinds if k != "plain"]
+            if quantized:
+                # A fused layer is BnB when any constituent is packed; plain
+                # constituents are quantized in flight (logged by the loader).
+                return quantized[0]
+            if kinds:
+                return "plain"
+        return "plain" if self.is_skipped(prefix) else self.kind
+
+    def _checkpoint_modules(self, prefix: str) -> list[str]:
+        parent, _, leaf = prefix.rpartition(".")
+        mapping = {**DEFAULT_PACKED_MODULES, **(self.packed_modules_mapping or {})}
+        parts = mapping.get(leaf)
+        if not parts or parts == [leaf]:
+            return [prefix]
+        return [f"{parent}.{p}" if parent else p for p in parts]
+
+    def is_skipped(self, prefix: str) -> bool:
+        """The config's skip list, matched as transformers 5 does (anchored dotted
+        prefixes) and as component names, since vLLM renames modules."""
+        components = prefix.split(".")
+        dotted = {".".join(components[: i + 1]) for i in range(len(components))}
+        for skip in self.skip_modules:
+            if skip in dotted or skip in components:
+                return True
+            if "." in skip and any(prefix.startswith(s) for s in self._renamed_skips(skip)):
+                return True
+        return False
+
+    def _renamed_skips(self, skip: str) -> list[str]:
+        # The mapper installed by vLLM (apply_vllm_mapper) turns HF names into vLLM
+        # names; `model.vision_tower` becomes `vision_tower` for Gemma 4, say.
+        mapper = getattr(self, "_vllm_mapper", None)
+        if mapper is None:
+            return []
+        mapped = mapper.map_name(skip + ".weight")
+        return [mapped.removesuffix(".weight")] if mapped else []
+
+    def apply_vllm_mapper(self, hf_to_vllm_mapper) -> None:
+        # Nested models call this again with their own mapper; the outermost one
+        # names the modules the whole model is built with.
+        if getattr(self, "_vllm_mapper", None) is None:
+            self._vllm_mapper = hf_to_vllm_mapper

@@ -1,0 +1,303 @@
+"""The `bitsandbytes` model loader: one pass over the files, routing by target capability.
+
+Every checkpoint tensor goes to the parameter the model's own `load_weights` picks:
+- packed -> BnB parameter: bytes kept packed, quant state bound per shard;
+- packed -> plain parameter (lm_head, embeddings, anything vLLM builds unquantized):
+  dequantized with bitsandbytes to the parameter's dtype, then loaded normally;
+- plain -> BnB parameter: quantized in flight by the BnB weight loader.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+from collections.abc import Iterator
+
+import torch
+from torch import nn
+from vllm.config import ModelConfig, VllmConfig
+from vllm.logger import init_logger
+from vllm.model_executor.model_loader.base_loader import BaseModelLoader
+from vllm.model_executor.model_loader.utils import get_model_architecture
+from vllm.model_executor.model_loader.weight_utils import default_weight_loader
+
+from . import quant_state as qs
+from .checkpoint import (
+    CheckpointError,
+    CheckpointLayout,
+    FileReader,
+    find_unpaired_packed_weights,
+    iter_files_in_order,
+    scan_checkpoint,
+)
+from .config import BnbConfig, ModuleKind
+from .registry import PACKED, PackedTensor
+
+logger = init_logger(__name__)
+
+
+class BnbModelLoader(BaseModelLoader):
+    def download_model(self, model_config: ModelConfig) -> None:
+        self._weight_files(model_config)
+
+    def load_model(
+        self, vllm_config: VllmConfig, model_config: ModelConfig, prefix: str = ""
+    ) -> nn.Module:
+        files = self._weight_files(model_config)
+        self._layout = scan_checkpoint(files)
+        quant_config = vllm_config.quant_config
+        self._check_quantization_matches(quant_config, self._layout, files)
+        if isinstance(quant_config, BnbConfig) and quant_config.pre_quantized:
+            model_cls, _ = get_model_architecture(model_config)
+            kinds = vllm_module_kinds(self._layout, getattr(model_cls, "hf_to_vllm_mapper", None))
+            quant_config.set_module_kinds(kinds)
+            warn_skip_list_disagreements(quant_config, kinds)
+        return super().load_model(vllm_config, model_config, prefix)
+
+    def load_weights(self, model: nn.Module, model_config: ModelConfig) -> None:
+        layout = getattr(self, "_layout", None)
+        if layout is None:  # called directly, e.g. for a weight reload
+            layout = self._layout = scan_checkpoint(self._weight_files(model_config))
+        reader = FileReader()
+        states = parse_quant_states(layout, reader)
+        adjust = getattr(model, "adjust_bnb_quant_state_dict", None)
+        if adjust is not None:
+            states = adjust(states)
+        PACKED.reset()
+        restore = route_weight_loaders(model)
+        try:
+            loaded = model.load_weights(checkpoint_weights(layout, states, reader))
+        finally:
+            restore()
+        check_all_params_loaded(model, loaded)
+        log_load_summary(layout, model)
+        PACKED.reset()
+
+    # ------------------------------------------------------------ files
+
+    def _weight_files(self, model_config: ModelConfig) -> list[str]:
+        folder = model_config.model
+        if not os.path.isdir(folder):
+            from vllm.model_executor.model_loader.weight_utils import (
+                download_weights_from_hf,
+            )
+
+            folder = download_weights_from_hf(
+                model_config.model,
+                self.load_config.download_dir,
+                ["*.safetensors", "*.json"],
+                model_config.revision,
+                ignore_patterns=self.load_config.ignore_patterns,
+            )
+        return safetensors_files(folder)
+
+    @staticmethod
+    def _check_quantization_matches(quant_config, layout: CheckpointLayout, files) -> None:
+        unpaired = find_unpaired_packed_weights(layout)
+        if unpaired:
+            info = unpaired[0]
+            raise CheckpointError(
+                f"{info.file}: {info.name!r} is {info.dtype} (looks packed) but has no "
+                "bitsandbytes quant state (absmax/quant_map/quant_state JSON or SCB); "
+                f"{len(unpaired)} such tensor(s)"
+            )
+        if layout.quantized and not isinstance(quant_config, BnbConfig):
+            first = next(iter(layout.quantized.values()))
+            raise CheckpointError(
+                f"{layout.tensors[first.weight].file}: {first.weight!r} is a packed "
+                "bitsandbytes weight but the model is not configured for bitsandbytes: "
+                "add `--quantization bitsandbytes` or a quantization_config"
+            )
+        if isinstance(quant_config, BnbConfig) and quant_config.pre_quantized:
+            kinds = {q.kind for q in layout.quantized.values()}
+            if kinds and quant_config.kind not in kinds:
+                first = next(iter(layout.quantized.values()))
+                raise CheckpointError(
+                    f"{layout.tensors[first.weight].file}: quantization_config says "
+                    f"{quant_config.kind} but {first.weight!r} is {first.kind}: the config "
+                    "contradicts the tensors; fix load_in_4bit/load_in_8bit in config.json"
+                )
+            if not layout.quantized:
+                raise CheckpointError(
+                    f"{files[0]}: quantization_config says bitsandbytes but no tensor in "
+                    f"{len(files)} file(s) is packed"
+                )
+
+
+def safetensors_files(folder: str) -> list[str]:
+    files = sorted(glob.glob(os.path.join(folder, "*.safetensors")))
+    index = os.path.join(folder, "model.safetensors.index.json")
+    if os.path.exists(index):
+        with open(index) as f:
+            listed = set(json.load(f).get("weight_map", {}).values())
+        files = [p for p in files if os.path.basename(p) in listed]
+    if not files:
+        pickles = glob.glob(os.path.join(folder, "*.bin")) + glob.glob(
+            os.path.join(folder, "*.pt")
+        )
+        hint = (
+            " Found pickle checkpoint(s) "
+            + ", ".join(os.path.basename(p) for p in pickles)
+            + ": these can run arbitrary code when loaded and are not supported; convert "
+            "them to safetensors."
+            if pickles
+            else ""
+        )
+        raise CheckpointError(f"{folder}: no *.safetensors weights found.{hint}")
+    return files
+
+
+# ------------------------------------------------------------ layout
+
+
+def vllm_module_kinds(layout: CheckpointLayout, mapper) -> dict[str, ModuleKind]:
+    """Checkpoint module kinds under the names vLLM builds the modules with."""
+    rename = mapper.get_rename_mapper() if mapper is not None else None
+    kinds: dict[str, ModuleKind] = {}
+    for module, kind in layout.module_kinds().items():
+        name = rename.map_name(module + ".weight") if rename is not None else module + ".weight"
+        if name is not None:
+            kinds[name.removesuffix(".weight")] = kind
+    return kinds
+
+
+def warn_skip_list_disagreements(config: BnbConfig, kinds: dict[str, ModuleKind]) -> None:
+    claimed_plain = sorted(m for m, k in kinds.items() if k != "plain" and config.is_skipped(m))
+    if claimed_plain:
+        logger.warning(
+            "quantization_config skips %s but the checkpoint stores %d of its module(s) "
+            "packed (e.g. %s); following the tensors. (transformers 5 matches skip names "
+            "as anchored prefixes, so an unanchored name skips nothing.)",
+            config.skip_modules, len(claimed_plain), claimed_plain[0],
+        )
+
+
+# ------------------------------------------------------------ quant states
+
+
+def parse_quant_states(layout: CheckpointLayout, reader: FileReader) -> dict:
+    """checkpoint weight name -> QuantState (4-bit) or Int8State (8-bit)."""
+    states = {}
+    for name, q in layout.quantized.items():
+        if q.kind == "4bit":
+            states[name] = qs.parse_4bit_state(q, layout.tensors, reader)
+        else:
+            states[name] = qs.parse_8bit_state(q, layout.tensors, reader)
+    return states
+
+
+def checkpoint_weights(
+    layout: CheckpointLayout, states: dict, reader: FileReader
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """Each file read once; packed weights registered with their quant state."""
+    skip = layout.state_tensor_names
+    for path, infos in iter_files_in_order(layout):
+        reader.buffer(path)
+        for info in infos:
+            if info.name in skip:
+                continue
+            tensor = reader.tensor(info)
+            if info.name in layout.quantized:
+                state = states.get(info.name)
+                if state is None:
+                    raise CheckpointError(
+                        f"{path}: no quant state for packed weight {info.name!r} "
+                        "(dropped by adjust_bnb_quant_state_dict?)"
+                    )
+                kind = layout.quantized[info.name].kind
+                PACKED.add(PackedTensor(info.name, path, kind, state, tensor))
+            PACKED.note_yielded(info.name, tensor)
+            yield info.name, tensor
+        reader.release(path)
+
+
+# ------------------------------------------------------------ routing
+
+
+def is_bnb_param(param: torch.Tensor) -> bool:
+    return hasattr(param, "bnb_regions")
+
+
+def route_weight_loaders(model: nn.Module):
+    """Wrap every parameter's weight loader: packed bytes bound for a plain parameter
+    are dequantized first. Returns a function that restores the original loaders."""
+    originals = []
+    seen: set[int] = set()
+    for _, param in model.named_parameters(remove_duplicate=False):
+        if id(param) in seen:
+            continue
+        seen.add(id(param))
+        had = "weight_loader" in dir(param) or hasattr(param, "weight_loader")
+        original = getattr(param, "weight_loader", None)
+        param.weight_loader = _routing_loader(param, original or default_weight_loader)
+        originals.append((param, had, original))
+
+    def restore() -> None:
+        for param, had, original in originals:
+            if had:
+                param.weight_loader = original
+            else:
+                del param.weight_loader
+
+    return restore
+
+
+def _routing_loader(param: torch.Tensor, original):
+    def weight_loader(p, loaded_weight: torch.Tensor, *args, **kwargs):
+        PACKED.note_seen(loaded_weight)
+        if not is_bnb_param(p):
+            packed = PACKED.lookup(loaded_weight)
+            if packed is not None:
+                loaded_weight = dequantize_for_plain(packed, p)
+        return original(p, loaded_weight, *args, **kwargs)
+
+    return weight_loader
+
+
+def dequantize_for_plain(packed: PackedTensor, param: torch.Tensor) -> torch.Tensor:
+    dtype = param.dtype if param.dtype.is_floating_point else torch.float32
+    if packed.kind == "4bit":
+        plain = qs.dequantize_4bit(packed.data, packed.state, dtype)
+        plain = plain.reshape(packed.state.shape)
+    else:
+        plain = qs.dequantize_8bit(packed.data, packed.state, dtype)
+    PACKED.note_dequantized(packed.name, plain.numel() * plain.element_size() - packed.data.numel())
+    return plain
+
+
+# ------------------------------------------------------------ accounting
+
+
+def check_all_params_loaded(model: nn.Module, loaded: set[str] | None) -> None:
+    if loaded is None:
+        return
+    missing = sorted({n for n, _ in model.named_parameters()} - set(loaded))
+    if missing:
+        raise CheckpointError(
+            f"{len(missing)} model parameter(s) were not initialized from the checkpoint: "
+            + ", ".join(missing[:10])
+            + (" …" if len(missing) > 10 else "")
+        )
+
+
+def log_load_summary(layout: CheckpointLayout, model: nn.Module) -> None:
+    record = PACKED.record
+    ignored = sorted(n for n, ptr in record.yielded.items() if ptr not in record.seen)
+    if record.dequantized:
+        extra = sum(record.dequantized.values())
+        logger.info(
+            "BnB: dequantized %d packed weight(s) into plain parameters (%s), +%.1f MiB",
+            len(record.dequantized), ", ".join(sorted(record.dequantized)), extra / 2**20,
+        )
+    if record.quantized_in_flight:
+        logger.info(
+            "BnB: quantized %d layer(s) in flight from plain tensors: %s",
+            len(record.quantized_in_flight), ", ".join(sorted(record.quantized_in_flight)),
+        )
+    if ignored:
+        logger.info(
+            "BnB: %d checkpoint tensor(s) not loaded by %s.load_weights (ignored by the "
+            "model): %s", len(ignored), type(model).__name__, ", ".join(ignored[:20]),
+        )
+
