@@ -575,7 +575,7 @@ def check_layout(ckpt_dir: Path, variant: Variant, linears: list[str]) -> dict[s
         )
     unpacked = [m for m in linears if m not in packed and f"{m}.weight" in header]
     for module in unpacked:
-        ref._expect_dtype(header, f"{module}.weight", "BF16")
+        ref.expect_dtype(header, f"{module}.weight", "BF16")
     if fmt in ("nf4", "fp4"):
         double_quant = bool(variant.bnb and variant.bnb.get("bnb_4bit_use_double_quant"))
         for module in packed:
@@ -597,12 +597,13 @@ def _variant_specific_checks(
 ) -> None:
     name = variant.name
     if name == "gemma4-untied-lm4bit":
-        ref._expect_dtype(header, "lm_head.weight", "U8")
+        ref.expect_dtype(header, "lm_head.weight", "U8")
         if packed.get("lm_head") != "nf4":
             raise AssertionError("lm_head is not stored as packed nf4")
     if name == "gemma4-keqv-nf4":
         prefix = "model.language_model.layers.1.self_attn"  # the full-attention layer
-        if f"{prefix}.k_proj" not in packed or any(k.startswith(f"{prefix}.v_proj") for k in header):
+        has_v = any(k.startswith(f"{prefix}.v_proj") for k in header)
+        if f"{prefix}.k_proj" not in packed or has_v:
             raise AssertionError("k_eq_v layer must have a packed k_proj and no v_proj")
         if "model.language_model.layers.0.self_attn.v_proj" not in packed:
             raise AssertionError("sliding layer should keep its v_proj")
@@ -705,11 +706,22 @@ def _is_current(ckpt_dir: Path) -> bool:
 
 def _publish(staging: Path, final: Path) -> None:
     """Swap the finished staging dir into place; readers never see a half-written variant."""
+    _make_readable(staging)
     if final.exists():
         trash = Path(tempfile.mkdtemp(prefix=f".{final.name}.old-", dir=final.parent))
         final.rename(trash / final.name)
         shutil.rmtree(trash)
     staging.rename(final)
+
+
+def _make_readable(path: Path) -> None:
+    # mkdtemp (and the safetensors writer) create owner-only entries; a checkpoint dir should
+    # look like any other saved model, readable per the user's umask.
+    umask = os.umask(0)
+    os.umask(umask)
+    path.chmod(0o777 & ~umask)
+    for file in path.iterdir():
+        file.chmod(0o666 & ~umask)
 
 
 def build(
