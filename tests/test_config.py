@@ -88,4 +88,5 @@ def test_from_config_reads_transformers_quantization_config():
         "llm_int8_skip_modules": None, "bnb_4bit_use_double_quant": False,
     })
     assert config.pre_quantized and config.kind == "4bit" and config.quant_type == "fp4"
-    assert BnbConfig.from_config({"quant_method": "bitsandbytes", "load_in_8bit": True}).kind == "8bit"
+    eight = BnbConfig.from_config({"quant_method": "bitsandbytes", "load_in_8bit": True})
+    assert eight.kind == "8bit"

@@ -263,7 +263,7 @@ def _finalize_4bit(layer, regions: list[Region]) -> None:
         layer.bnb_parts = [(0, layer.weight.numel(), merged)]
         return
     parts = []
-    for r, state in zip(regions, states):
+    for r, state in zip(regions, states, strict=True):
         state.to(device)
         per_row = layer.bnb_in_features // 2
         parts.append((r.start * per_row, r.end * per_row, state))
