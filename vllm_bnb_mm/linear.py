@@ -17,6 +17,7 @@ from bitsandbytes import functional as bnbf
 from bitsandbytes.functional import QuantState
 from vllm.logger import init_logger
 from vllm.model_executor.layers.linear import (
+    ColumnParallelLinear,
     LinearMethodBase,
     MergedColumnParallelLinear,
     QKVParallelLinear,
@@ -111,31 +112,32 @@ def _make_weight_loader(layer: torch.nn.Module, config: BnbConfig, kind: str):
 def _shard_rows(layer, shard_id) -> list[tuple[tuple[int, int], tuple[int, int] | None]]:
     """(local rows to fill, rows to take from the loaded tensor or None for all)."""
     tp_rank, tp_size = getattr(layer, "tp_rank", 0), getattr(layer, "tp_size", 1)
-    column_split = tp_size > 1 and not isinstance(layer, RowParallelLinear) and hasattr(
-        layer, "output_size_per_partition"
-    )
+    split = tp_size > 1 and isinstance(layer, ColumnParallelLinear)
     if isinstance(layer, QKVParallelLinear) and shard_id is not None:
         offset = layer._get_shard_offset_mapping(shard_id)
         size = layer._get_shard_size_mapping(shard_id)
         if offset is None or size is None:
             raise ValueError(f"unknown qkv shard id {shard_id!r} for {layer.bnb_prefix}")
         rank = tp_rank if shard_id == "q" else tp_rank // layer.num_kv_head_replicas
-        src = (rank * size, (rank + 1) * size) if tp_size > 1 else None
+        src = (rank * size, (rank + 1) * size) if split else None
         return [((offset, offset + size), src)]
     if isinstance(layer, MergedColumnParallelLinear) and shard_id is not None:
         ids = list(shard_id) if isinstance(shard_id, tuple) else [shard_id]
-        if len(ids) > 1 and tp_size > 1:
-            raise NotImplementedError(
-                f"{layer.bnb_prefix}: fused-on-disk shards {shard_id} with tensor parallelism"
-            )
         start = sum(layer.output_sizes[: ids[0]]) // tp_size
         size = sum(layer.output_sizes[ids[0] : ids[-1] + 1]) // tp_size
-        src = (tp_rank * size, (tp_rank + 1) * size) if tp_size > 1 else None
+        if len(ids) > 1 and split:
+            raise NotImplementedError(
+                f"{layer.bnb_prefix}: shards {shard_id} fused on disk, with tensor parallelism"
+            )
+        src = (tp_rank * size, (tp_rank + 1) * size) if split else None
         return [((start, start + size), src)]
     rows = layer.bnb_out_features
-    if column_split:
-        return [((0, rows), (tp_rank * rows, (tp_rank + 1) * rows))]
-    return [((0, rows), None)]
+    if split and len(getattr(layer, "output_sizes", [rows])) > 1:
+        raise NotImplementedError(
+            f"{layer.bnb_prefix}: a fused-on-disk weight for a stacked layer, with tensor "
+            "parallelism"
+        )
+    return [((0, rows), (tp_rank * rows, (tp_rank + 1) * rows) if split else None)]
 
 
 def _input_cols(layer) -> tuple[int, int] | None:

@@ -1,0 +1,961 @@
+"""Benchmark: our BnB loader vs the incumbent (vllm-bnb-plugin) vs vLLM bf16 vs the read floor.
+
+Usage::
+
+    .venv/bin/python scripts/bench.py [--reps 3] [--quick] [--tokens 64] [--only NAME ...]
+
+What it does, in one run:
+
+1. Builds (once, cached under ``.cache/bench/<model>/``) a random-weight Gemma 4-shaped
+   text+vision checkpoint (``Gemma4ForConditionalGeneration``, ~0.6 B parameters; ``--quick``:
+   ~60 M) in bf16, and its bitsandbytes nf4 + double-quant version quantized by
+   transformers + bitsandbytes on CPU.
+2. Installs the incumbent ``vllm-bnb-plugin==0.0.3`` with ``--no-deps`` into
+   ``.cache/bench/incumbent`` (on PYTHONPATH only for the incumbent's runs).
+3. For each repetition, runs every contender in its own subprocess (fresh engine):
+   - ``floor-nf4`` / ``floor-bf16``: safetensors ``safe_open`` + ``get_tensor().clone()`` of
+     every tensor (page cache warm), the cost of just reading the bytes;
+   - ``ours``: ``LLM(load_format="bitsandbytes")`` with only our plugin enabled;
+   - ``incumbent``: the same with only vllm-bnb-plugin enabled;
+   - ``native-bf16``: vLLM's default loader on the bf16 checkpoint, no BnB plugin.
+   Engine contenders measure, in the process that loads the model (via a tiny general plugin
+   ``bench_hook`` that wraps the loader returned by ``get_model_loader``): the loader's
+   ``load_weights`` wall time (same boundary for every loader), the whole ``load_model`` wall
+   time (model init + load_weights + post-processing), the loader class actually used, and the
+   peak RSS of that process during ``load_model`` (sampled every 5 ms, and ``ru_maxrss``). Then
+   greedy decode throughput (``ignore_eos``, fixed token-id prompts) at batch 1 and batch 4.
+4. Writes ``results/bench/latest.{md,json,png}``.
+
+Engine settings: ``enforce_eager=True, max_model_len=512, max_num_seqs=4, dtype=bfloat16``,
+``VLLM_CPU_KVCACHE_SPACE=2``. Each contender's log goes to ``.cache/bench/logs/``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+REPO = Path(__file__).resolve().parent.parent
+CACHE = REPO / ".cache" / "bench"
+RESULTS = REPO / "results" / "bench"
+INCUMBENT_SPEC = "vllm-bnb-plugin==0.0.3"
+INCUMBENT_DIR = CACHE / "incumbent"
+HOOK_DIR = CACHE / "hook"
+LOG_DIR = CACHE / "logs"
+BUILD_VERSION = "bench-ckpt-1"
+ENGINE_TIMEOUT_S = 900
+BATCHES = (1, 4)
+
+
+def log(msg: str) -> None:
+    print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+# ============================================================================================
+# Checkpoint
+# ============================================================================================
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    name: str
+    vocab: int
+    hidden: int
+    intermediate: int
+    layers: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    global_head_dim: int
+    ple_dim: int  # hidden_size_per_layer_input (multiple of 64 for the BnB CPU kernel)
+    sliding_window: int
+    v_hidden: int
+    v_intermediate: int
+    v_layers: int
+    v_heads: int
+    soft_tokens: int  # vision default_output_length == processor max_soft_tokens
+
+    def layer_types(self) -> list[str]:
+        # Gemma 4 pattern: 5 sliding : 1 full, last layer full.
+        types = ["full_attention" if (i + 1) % 6 == 0 else "sliding_attention"
+                 for i in range(self.layers)]
+        types[-1] = "full_attention"
+        return types
+
+
+FULL = ModelSpec(
+    name="gemma4-mid", vocab=32768, hidden=1536, intermediate=6144, layers=12, heads=8,
+    kv_heads=2, head_dim=256, global_head_dim=512, ple_dim=128, sliding_window=512,
+    v_hidden=384, v_intermediate=1536, v_layers=4, v_heads=6, soft_tokens=280,
+)
+QUICK = ModelSpec(
+    name="gemma4-small", vocab=8192, hidden=512, intermediate=2048, layers=4, heads=4,
+    kv_heads=1, head_dim=128, global_head_dim=256, ple_dim=64, sliding_window=512,
+    v_hidden=128, v_intermediate=512, v_layers=1, v_heads=2, soft_tokens=70,
+)
+
+CHAT_TEMPLATE = (
+    "{{ bos_token }}"
+    "{%- for message in messages -%}"
+    "{%- set role = 'model' if message['role'] == 'assistant' else message['role'] -%}"
+    "{{ '<|turn>' + role + '\\n' }}"
+    "{%- if message['content'] is string -%}{{ message['content'] }}"
+    "{%- else -%}{%- for item in message['content'] -%}"
+    "{%- if item['type'] == 'text' -%}{{ item['text'] }}"
+    "{%- elif item['type'] == 'image' -%}{{ '<|image|>' }}"
+    "{%- elif item['type'] == 'audio' -%}{{ '<|audio|>' }}"
+    "{%- elif item['type'] == 'video' -%}{{ '<|video|>' }}"
+    "{%- endif -%}{%- endfor -%}{%- endif -%}"
+    "{{ '<turn|>\\n' }}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{ '<|turn>model\\n' }}{%- endif -%}"
+)
+SPECIAL = ["<pad>", "<eos>", "<bos>", "<unk>", "<mask>"]
+NAMED = {
+    "sot_token": "<|turn>", "eot_token": "<turn|>", "boi_token": "<|image>",
+    "eoi_token": "<image|>", "image_token": "<|image|>", "boa_token": "<|audio>",
+    "eoa_token": "<audio|>", "audio_token": "<|audio|>", "soc_token": "<|channel>",
+    "eoc_token": "<channel|>", "think_token": "<|think|>", "escape_token": '<|"|>',
+    "str_token": "<|tool_response>", "etr_token": "<tool_response|>",
+    "stc_token": "<|tool_call>", "etc_token": "<tool_call|>", "std_token": "<|tool>",
+    "etd_token": "<tool|>",
+}
+VIDEO = "<|video|>"
+CORPUS = (
+    "The quick brown fox jumps over the lazy dog. A model reads tokens and looks at images. "
+    "Once upon a time there was a small cat who lived in a green house near the river. "
+    "We went to the market to buy bread, milk, cheese, eggs and fresh fruit. "
+    "one two three four five six seven eight nine ten 0 1 2 3 4 5 6 7 8 9"
+)
+
+
+def _tokenizer(vocab_size: int):
+    """Byte-fallback BPE padded to ``vocab_size`` with <unusedN>, saved as GemmaTokenizer."""
+    from tokenizers import Tokenizer, models, normalizers, trainers
+    from transformers import GemmaTokenizer
+
+    reserved = SPECIAL + list(NAMED.values()) + [VIDEO]
+    prefix = reserved + [f"<0x{i:02X}>" for i in range(256)]
+    bpe = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True))
+    bpe.normalizer = normalizers.Replace(" ", "▁")
+    bpe.train_from_iterator([CORPUS], trainers.BpeTrainer(vocab_size=200, show_progress=False))
+    vocab = {tok: i for i, tok in enumerate(prefix)}
+    for tok, _ in sorted(bpe.get_vocab().items(), key=lambda kv: kv[1]):
+        vocab.setdefault(tok, len(vocab))
+    while len(vocab) < vocab_size:
+        vocab[f"<unused{len(vocab)}>"] = len(vocab)
+    merges = [tuple(m) for m in json.loads(bpe.to_str())["model"]["merges"]]
+    return GemmaTokenizer(
+        vocab=vocab, merges=merges, add_bos_token=False, padding_side="left",
+        extra_special_tokens=dict(NAMED), chat_template=CHAT_TEMPLATE,
+    )
+
+
+def _save_bf16(spec: ModelSpec, out: Path) -> int:
+    import torch
+    from transformers import Gemma4Config, Gemma4ForConditionalGeneration, Gemma4Processor
+    from transformers.models.gemma4.feature_extraction_gemma4 import (
+        Gemma4AudioFeatureExtractor,
+    )
+    from transformers.models.gemma4.image_processing_gemma4 import Gemma4ImageProcessor
+    from transformers.models.gemma4.video_processing_gemma4 import Gemma4VideoProcessor
+
+    tok = _tokenizer(spec.vocab)
+    ids = tok.convert_tokens_to_ids
+    text = {
+        "vocab_size": spec.vocab, "hidden_size": spec.hidden,
+        "intermediate_size": spec.intermediate, "num_hidden_layers": spec.layers,
+        "layer_types": spec.layer_types(), "num_attention_heads": spec.heads,
+        "num_key_value_heads": spec.kv_heads, "head_dim": spec.head_dim,
+        "global_head_dim": spec.global_head_dim, "sliding_window": spec.sliding_window,
+        "final_logit_softcapping": 30.0, "hidden_size_per_layer_input": spec.ple_dim,
+        "vocab_size_per_layer_input": spec.vocab, "max_position_embeddings": 8192,
+        "tie_word_embeddings": True, "pad_token_id": tok.pad_token_id,
+        "bos_token_id": tok.bos_token_id, "eos_token_id": tok.eos_token_id,
+    }
+    vision = {
+        "hidden_size": spec.v_hidden, "intermediate_size": spec.v_intermediate,
+        "num_hidden_layers": spec.v_layers, "num_attention_heads": spec.v_heads,
+        "num_key_value_heads": spec.v_heads, "head_dim": 64, "patch_size": 16,
+        "pooling_kernel_size": 3, "position_embedding_size": 10240,
+        "default_output_length": spec.soft_tokens,
+    }
+    config = Gemma4Config(
+        text_config=text, vision_config=vision, audio_config=None, tie_word_embeddings=True,
+        image_token_id=ids(NAMED["image_token"]), boi_token_id=ids(NAMED["boi_token"]),
+        eoi_token_id=ids(NAMED["eoi_token"]), video_token_id=ids(VIDEO),
+        audio_token_id=ids(NAMED["audio_token"]), boa_token_id=ids(NAMED["boa_token"]),
+        eoa_token_index=ids(NAMED["eoa_token"]),
+    )
+    torch.manual_seed(1234)
+    prev = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        model = Gemma4ForConditionalGeneration(config)
+    finally:
+        torch.set_default_dtype(prev)
+    # Seeded redraw with fan-in scaled weights (HF's init leaves some tensors at 0/1/inf).
+    gen = torch.Generator().manual_seed(1234)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            leaf = name.rsplit(".", 1)[-1]
+            if p.ndim == 1:
+                p.copy_(1.0 + 0.1 * torch.randn(p.shape, generator=gen))
+            elif "embed" in name or leaf == "position_embedding_table":
+                p.copy_(0.05 * torch.randn(p.shape, generator=gen))
+            else:
+                fan_in = p[0].numel()
+                p.copy_(torch.randn(p.shape, generator=gen) / fan_in**0.5)
+    model.generation_config.eos_token_id = [tok.eos_token_id, ids("<turn|>")]
+    model.to(torch.bfloat16).save_pretrained(out)
+    n_params = sum(p.numel() for p in model.parameters())
+    del model
+    Gemma4Processor(
+        feature_extractor=Gemma4AudioFeatureExtractor(),
+        image_processor=Gemma4ImageProcessor(max_soft_tokens=spec.soft_tokens),
+        tokenizer=tok, video_processor=Gemma4VideoProcessor(),
+        chat_template=CHAT_TEMPLATE, image_seq_length=spec.soft_tokens,
+    ).save_pretrained(out)
+    return n_params
+
+
+def _quantize(bf16: Path, out: Path) -> None:
+    import torch
+    from transformers import BitsAndBytesConfig, Gemma4ForConditionalGeneration
+
+    cfg = BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=torch.bfloat16,
+    )
+    model = Gemma4ForConditionalGeneration.from_pretrained(
+        bf16, quantization_config=cfg, dtype=torch.bfloat16, device_map="cpu"
+    )
+    model.save_pretrained(out)
+    del model
+    for f in bf16.iterdir():
+        if f.is_file() and not (out / f.name).exists():
+            shutil.copy2(f, out / f.name)
+
+
+def _safetensors(folder: Path) -> list[Path]:
+    return sorted(folder.glob("*.safetensors"))
+
+
+def _checkpoint_summary(folder: Path) -> dict[str, Any]:
+    from safetensors import safe_open
+
+    counts: dict[str, int] = {}
+    n_packed = 0
+    for f in _safetensors(folder):
+        with safe_open(str(f), "pt") as sf:
+            for k in sf.keys():
+                dt = str(sf.get_slice(k).get_dtype())
+                counts[dt] = counts.get(dt, 0) + 1
+                if k.endswith(".weight.quant_map"):
+                    n_packed += 1
+    size = sum(f.stat().st_size for f in _safetensors(folder))
+    return {"bytes": size, "tensors_by_dtype": counts, "packed_linears": n_packed,
+            "files": [f.name for f in _safetensors(folder)]}
+
+
+def build_checkpoints(spec: ModelSpec) -> dict[str, Any]:
+    root = CACHE / spec.name
+    stamp = root / "build.json"
+    key = {"version": BUILD_VERSION, "spec": spec.__dict__}
+    if stamp.exists():
+        info = json.loads(stamp.read_text())
+        if info.get("key") == key:
+            log(f"checkpoints cached in {root}")
+            return info
+    log(f"building {spec.name} checkpoints in {root} (one-time)")
+    if root.exists():
+        shutil.rmtree(root)
+    root.mkdir(parents=True)
+    t0 = time.monotonic()
+    n_params = _save_bf16(spec, root / "bf16")
+    log(f"  bf16 saved: {n_params / 1e6:.0f} M params ({time.monotonic() - t0:.0f} s)")
+    t1 = time.monotonic()
+    # Quantize in a child: transformers+bnb hold on to memory, and the parent stays small.
+    subprocess.run(
+        [sys.executable, __file__, "_quantize", str(root / "bf16"), str(root / "nf4")],
+        check=True,
+    )
+    log(f"  nf4 saved ({time.monotonic() - t1:.0f} s)")
+    info = {
+        "key": key, "params": n_params, "architecture": "Gemma4ForConditionalGeneration",
+        "bf16": _checkpoint_summary(root / "bf16"), "nf4": _checkpoint_summary(root / "nf4"),
+        "build_s": round(time.monotonic() - t0, 1),
+    }
+    stamp.write_text(json.dumps(info, indent=1))
+    return info
+
+
+# ============================================================================================
+# Incumbent + measurement hook
+# ============================================================================================
+
+
+def install_incumbent() -> str:
+    marker = INCUMBENT_DIR / "vllm_bnb_plugin" / "__init__.py"
+    if not marker.exists():
+        log(f"installing {INCUMBENT_SPEC} --no-deps into {INCUMBENT_DIR}")
+        subprocess.run(
+            [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target",
+             str(INCUMBENT_DIR), INCUMBENT_SPEC], check=True,
+        )
+    dist = next(INCUMBENT_DIR.glob("vllm_bnb_plugin-*.dist-info"))
+    return dist.name.removeprefix("vllm_bnb_plugin-").removesuffix(".dist-info")
+
+
+# A general plugin (found through its dist-info on PYTHONPATH, like the incumbent) that vLLM
+# loads in every process. It wraps the loader that get_model() gets, so every contender is
+# timed at the same boundaries in the process that really loads the model.
+HOOK_SRC = r'''
+"""bench_hook: times vLLM model loading (generated by scripts/bench.py)."""
+import json, os, resource, threading, time, traceback
+
+_done = False
+
+
+def _rss_bytes():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+class _Sampler(threading.Thread):
+    def __init__(self):
+        super().__init__(daemon=True)
+        self.peak = _rss_bytes()
+        self.stop = threading.Event()
+
+    def run(self):
+        while not self.stop.wait(0.005):
+            self.peak = max(self.peak, _rss_bytes())
+
+
+def _write(rec):
+    path = os.environ.get("BENCH_RECORD")
+    if path:
+        with open(path, "a") as f:
+            f.write(json.dumps(rec) + "\n")
+
+
+def _wrap(loader):
+    cls = type(loader)
+    rec = {"pid": os.getpid(), "loader": f"{cls.__module__}.{cls.__qualname__}"}
+
+    def load_weights(model, model_config):
+        t = time.perf_counter()
+        try:
+            return cls.load_weights(loader, model, model_config)
+        finally:
+            rec["load_weights_s"] = time.perf_counter() - t
+
+    def load_model(vllm_config, model_config=None, prefix="", **kw):
+        qc = getattr(vllm_config, "quant_config", None)
+        if qc is not None:
+            rec["quant_config"] = f"{type(qc).__module__}.{type(qc).__qualname__}"
+        rec["rss_before_mb"] = _rss_bytes() / 2**20
+        sampler = _Sampler()
+        sampler.start()
+        t = time.perf_counter()
+        try:
+            model = cls.load_model(loader, vllm_config, model_config, prefix, **kw)
+            rec["ok"] = True
+            return model
+        except BaseException as e:
+            rec["ok"] = False
+            rec["error"] = f"{type(e).__name__}: {e}"
+            rec["traceback"] = traceback.format_exc()[-4000:]
+            raise
+        finally:
+            rec["load_model_s"] = time.perf_counter() - t
+            sampler.stop.set()
+            sampler.join()
+            rec["rss_peak_mb"] = max(sampler.peak, _rss_bytes()) / 2**20
+            rec["rss_after_mb"] = _rss_bytes() / 2**20
+            rec["ru_maxrss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+            _write(rec)
+
+    loader.load_weights = load_weights
+    loader.load_model = load_model
+    return loader
+
+
+def register():
+    global _done
+    if _done:
+        return
+    _done = True
+    import vllm.model_executor.model_loader as ml
+
+    orig = ml.get_model_loader
+    if getattr(orig, "_bench_hook", False):
+        return
+
+    def get_model_loader(load_config):
+        return _wrap(orig(load_config))
+
+    get_model_loader._bench_hook = True
+    ml.get_model_loader = get_model_loader
+'''
+
+
+def install_hook() -> None:
+    HOOK_DIR.mkdir(parents=True, exist_ok=True)
+    (HOOK_DIR / "bench_hook.py").write_text(HOOK_SRC.lstrip())
+    dist = HOOK_DIR / "bench_hook-0.0.0.dist-info"
+    dist.mkdir(exist_ok=True)
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: bench-hook\nVersion: 0.0.0\n")
+    (dist / "entry_points.txt").write_text(
+        "[vllm.general_plugins]\nbench_hook = bench_hook:register\n"
+    )
+
+
+# ============================================================================================
+# Contenders
+# ============================================================================================
+
+
+@dataclass(frozen=True)
+class Contender:
+    name: str
+    label: str
+    kind: str  # "floor" | "engine"
+    ckpt: str  # "nf4" | "bf16"
+    plugins: str = ""  # VLLM_PLUGINS besides bench_hook
+    bnb: bool = False
+    expect_loader: str = ""  # substring of the loader class that must have run
+
+
+CONTENDERS = [
+    Contender("floor-nf4", "read floor (nf4 file)", "floor", "nf4"),
+    Contender("floor-bf16", "read floor (bf16 file)", "floor", "bf16"),
+    Contender("ours", "ours (vllm-bnb-mm)", "engine", "nf4", "bitsandbytes_mm", True,
+              "vllm_bnb_mm.loader.BnbModelLoader"),
+    Contender("incumbent", "incumbent (vllm-bnb-plugin 0.0.3)", "engine", "nf4",
+              "bitsandbytes", True, "vllm_bnb_plugin.bitsandbytes_loader."),
+    Contender("native-bf16", "vLLM native bf16", "engine", "bf16", "", False,
+              "vllm.model_executor.model_loader.default_loader.DefaultModelLoader"),
+]
+BY_NAME = {c.name: c for c in CONTENDERS}
+
+
+def contender_env(c: Contender, record: Path) -> dict[str, str]:
+    env = dict(os.environ)
+    paths = [str(HOOK_DIR)]
+    if c.name == "incumbent":
+        paths.append(str(INCUMBENT_DIR))
+    old = env.get("PYTHONPATH")
+    env["PYTHONPATH"] = os.pathsep.join(paths + ([old] if old else []))
+    env["VLLM_PLUGINS"] = ",".join(p for p in ("bench_hook", c.plugins) if p)
+    env.update({
+        "BENCH_RECORD": str(record),
+        "VLLM_CPU_KVCACHE_SPACE": "2",
+        "HF_HUB_OFFLINE": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+        "VLLM_CACHE_ROOT": str(CACHE / "vllm-cache"),
+        "TORCHINDUCTOR_CACHE_DIR": str(CACHE / "inductor-cache"),
+        "VLLM_NO_USAGE_STATS": "1",
+        "DO_NOT_TRACK": "1",
+        "PYTHONUNBUFFERED": "1",
+    })
+    return env
+
+
+def prompts(n: int, vocab: int) -> list[list[int]]:
+    """Fixed token-id prompts (16 tokens, distinct per sequence), no tokenizer involved."""
+    base = 300  # past the special and byte tokens
+    return [[2] + [base + (7 * i + 13 * j) % (min(vocab, 4096) - base) for i in range(15)]
+            for j in range(n)]
+
+
+def worker_floor(args: argparse.Namespace) -> dict[str, Any]:
+    import resource
+
+    import torch
+    from safetensors import safe_open
+
+    files = _safetensors(Path(args.ckpt))
+    torch.set_num_threads(1)
+
+    def read_all() -> int:
+        total = 0
+        for f in files:
+            with safe_open(str(f), "pt") as sf:
+                for k in sf.keys():
+                    t = sf.get_tensor(k).clone()
+                    total += t.numel() * t.element_size()
+                    del t
+        return total
+
+    read_all()  # warm the page cache (and the code paths)
+    t = time.perf_counter()
+    total = read_all()
+    dt = time.perf_counter() - t
+
+    # Peak RSS of a read that keeps everything (the loaders keep every tensor too).
+    keep = []
+    t = time.perf_counter()
+    for f in files:
+        with safe_open(str(f), "pt") as sf:
+            for k in sf.keys():
+                keep.append(sf.get_tensor(k).clone())
+    dt_keep = time.perf_counter() - t
+    return {
+        "ok": True, "load_weights_s": dt_keep, "read_stream_s": dt, "bytes": total,
+        "rss_peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "loader": "safetensors safe_open + get_tensor().clone()",
+    }
+
+
+def worker_engine(args: argparse.Namespace) -> dict[str, Any]:
+    import psutil
+
+    c = BY_NAME[args.contender]
+    out: dict[str, Any] = {"ok": False}
+    tree_peak = [0]
+    stop = threading.Event()
+
+    def sample_tree() -> None:
+        me = psutil.Process()
+        while not stop.wait(0.05):
+            try:
+                procs = [me] + me.children(recursive=True)
+                total = 0
+                for p in procs:
+                    try:
+                        total += p.memory_info().rss
+                    except psutil.Error:
+                        pass
+                tree_peak[0] = max(tree_peak[0], total)
+            except psutil.Error:
+                pass
+
+    sampler = threading.Thread(target=sample_tree, daemon=True)
+    sampler.start()
+    from vllm import LLM, SamplingParams
+
+    kwargs: dict[str, Any] = dict(
+        model=args.ckpt, dtype="bfloat16", enforce_eager=True, max_model_len=512,
+        max_num_seqs=4, seed=0, limit_mm_per_prompt={"image": 1, "audio": 0, "video": 0},
+    )
+    if c.bnb:
+        kwargs.update(quantization="bitsandbytes", load_format="bitsandbytes")
+    t0 = time.perf_counter()
+    try:
+        llm = LLM(**kwargs)
+    except BaseException as e:  # the incumbent may not support this model
+        stop.set()
+        out["error"] = f"{type(e).__name__}: {e}"
+        out["engine_init_s"] = time.perf_counter() - t0
+        out["tree_peak_rss_mb"] = tree_peak[0] / 2**20
+        return out
+    out["engine_init_s"] = time.perf_counter() - t0
+    stop.set()
+    out["tree_peak_rss_mb"] = tree_peak[0] / 2**20
+    vocab = args.vocab
+    decode: dict[str, Any] = {}
+    # Warm-up: first requests pay one-time costs (kernels, allocator).
+    llm.generate([{"prompt_token_ids": p} for p in prompts(4, vocab)],
+                 SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True,
+                                detokenize=False), use_tqdm=False)
+    for b in BATCHES:
+        sp = SamplingParams(max_tokens=args.tokens, temperature=0.0, ignore_eos=True,
+                            detokenize=False)
+        batch = [{"prompt_token_ids": p} for p in prompts(b, vocab)]
+        t = time.perf_counter()
+        res = llm.generate(batch, sp, use_tqdm=False)
+        dt = time.perf_counter() - t
+        n = sum(len(r.outputs[0].token_ids) for r in res)
+        decode[str(b)] = {"tokens": n, "seconds": dt, "tok_s": n / dt,
+                          "first_ids": list(res[0].outputs[0].token_ids[:8])}
+        log(f"    {c.name}: batch {b}: {n} tokens in {dt:.2f} s = {n / dt:.2f} tok/s")
+    out["decode"] = decode
+    out["ok"] = True
+    return out
+
+
+def run_contender(c: Contender, ckpts: dict[str, Path], rep: int, vocab: int,
+                  tokens: int) -> dict[str, Any]:
+    LOG_DIR.mkdir(parents=True, exist_ok=True)
+    logfile = LOG_DIR / f"{c.name}-rep{rep}.log"
+    record = Path(tempfile.mkstemp(prefix="rec-", suffix=".jsonl", dir=CACHE)[1])
+    result_file = Path(tempfile.mkstemp(prefix="res-", suffix=".json", dir=CACHE)[1])
+    # Page cache warm for every contender alike.
+    for f in _safetensors(ckpts[c.ckpt]):
+        with open(f, "rb") as fh:
+            while fh.read(1 << 24):
+                pass
+    cmd = [sys.executable, __file__, "_worker", "--contender", c.name,
+           "--ckpt", str(ckpts[c.ckpt]), "--vocab", str(vocab), "--tokens", str(tokens),
+           "--result", str(result_file)]
+    t0 = time.monotonic()
+    with open(logfile, "w") as lf:
+        proc = subprocess.Popen(cmd, env=contender_env(c, record), stdout=lf,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            rc = proc.wait(timeout=ENGINE_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            rc = "timeout"
+    try:  # leftovers of the engine (its worker processes) go with the session
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    wall = time.monotonic() - t0
+    try:
+        res = json.loads(result_file.read_text())
+    except (OSError, ValueError):
+        res = {"ok": False}
+    recs = [json.loads(line) for line in record.read_text().splitlines() if line.strip()]
+    record.unlink(missing_ok=True)
+    result_file.unlink(missing_ok=True)
+    res.update({"contender": c.name, "rep": rep, "rc": rc, "wall_s": wall,
+                "log": str(logfile.relative_to(REPO))})
+    text = logfile.read_text(errors="replace")
+    if c.kind == "engine":
+        loads = [r for r in recs if "load_model_s" in r]
+        if loads:
+            hook = loads[-1]
+            res["hook"] = hook
+            res["loader"] = hook["loader"]
+            res["quant_config"] = hook.get("quant_config")
+            res["load_weights_s"] = hook.get("load_weights_s")
+            res["load_model_s"] = hook.get("load_model_s")
+            res["rss_peak_mb"] = hook.get("rss_peak_mb")
+            res["rss_before_mb"] = hook.get("rss_before_mb")
+            if not hook.get("ok"):
+                res["ok"] = False
+                res["error"] = hook.get("error")
+                res["traceback"] = hook.get("traceback")
+        else:
+            res.setdefault("error", "no load record (the hook plugin did not run)")
+            res["ok"] = False
+        m = re.search(r"Loading weights took ([\d.]+) seconds", text)
+        res["vllm_logged_loading_weights_s"] = float(m.group(1)) if m else None
+        if res.get("loader") and c.expect_loader not in res["loader"]:
+            res["ok"] = False
+            res["error"] = f"wrong plugin active: loader {res['loader']}"
+        if not res.get("ok") and not res.get("error"):
+            errs = [ln for ln in text.splitlines() if "Error" in ln or "error" in ln]
+            res["error"] = errs[-1][-500:] if errs else f"exit {rc}, see {logfile}"
+    return res
+
+
+# ============================================================================================
+# Report
+# ============================================================================================
+
+
+def stats(vals: list[float]) -> dict[str, float] | None:
+    vals = [v for v in vals if v is not None]
+    if not vals:
+        return None
+    return {"min": min(vals), "median": statistics.median(vals), "max": max(vals), "n": len(vals)}
+
+
+def aggregate(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    agg: dict[str, Any] = {}
+    for c in CONTENDERS:
+        rs = [r for r in runs if r["contender"] == c.name]
+        if not rs:
+            continue
+        ok = [r for r in rs if r.get("ok")]
+        a: dict[str, Any] = {
+            "label": c.label, "runs": len(rs), "ok_runs": len(ok),
+            "errors": sorted({r.get("error") or "" for r in rs if not r.get("ok")}),
+            "loaders": sorted({r.get("loader") for r in rs if r.get("loader")}),
+            "load_weights_s": stats([r.get("load_weights_s") for r in ok]),
+            "load_model_s": stats([r.get("load_model_s") for r in ok]),
+            "rss_peak_mb": stats([r.get("rss_peak_mb") for r in ok]),
+            "rss_before_mb": stats([r.get("rss_before_mb") for r in ok]),
+            "engine_init_s": stats([r.get("engine_init_s") for r in ok]),
+        }
+        for b in BATCHES:
+            a[f"decode_b{b}_tok_s"] = stats(
+                [r["decode"][str(b)]["tok_s"] for r in ok if "decode" in r])
+        agg[c.name] = a
+    return agg
+
+
+def machine() -> dict[str, Any]:
+    import bitsandbytes
+    import torch
+    import transformers
+    import vllm
+
+    cpu = "unknown"
+    flags: list[str] = []
+    with open("/proc/cpuinfo") as f:
+        for line in f:
+            if line.startswith("model name") and cpu == "unknown":
+                cpu = line.split(":", 1)[1].strip()
+            if line.startswith("flags") and not flags:
+                flags = line.split(":", 1)[1].split()
+    mem_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    return {
+        "cpu": cpu, "cores": os.cpu_count(),
+        "affinity": len(os.sched_getaffinity(0)),
+        "isa": [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")
+                if f in flags],
+        "mem_gib": round(mem_gib, 1), "python": platform.python_version(),
+        "kernel": platform.release(), "vllm": vllm.__version__, "torch": torch.__version__,
+        "transformers": transformers.__version__, "bitsandbytes": bitsandbytes.__version__,
+    }
+
+
+def _fmt(s: dict | None, key: str = "median", digits: int = 2) -> str:
+    return "n/a" if not s else f"{s[key]:.{digits}f}"
+
+
+def _pair(s: dict | None, digits: int = 2) -> str:
+    return "n/a" if not s else f"{s['median']:.{digits}f} ({s['min']:.{digits}f})"
+
+
+def _ratio(a: dict | None, b: dict | None) -> str:
+    if not a or not b or not b["median"]:
+        return "n/a"
+    return f"{a['median'] / b['median']:.2f}×"
+
+
+def render_md(report: dict[str, Any]) -> str:
+    agg, m, ck = report["aggregate"], report["machine"], report["checkpoint"]
+    lines = [
+        "# Load and decode benchmark: vllm-bnb-mm vs vllm-bnb-plugin vs vLLM bf16",
+        "",
+        f"Generated {report['date']} by `{report['command']}` "
+        f"({report['reps']} reps, {report['wall_min']:.1f} min).",
+        "",
+        f"**Machine**: {m['cpu']}, {m['cores']} cores ({'/'.join(m['isa'])}), "
+        f"{m['mem_gib']} GiB RAM; vLLM {m['vllm']}, torch {m['torch']}, "
+        f"transformers {m['transformers']}, bitsandbytes {m['bitsandbytes']}, "
+        f"incumbent vllm-bnb-plugin {report['incumbent_version']}.",
+        "",
+        f"**Checkpoint**: random-weight `{ck['architecture']}` ({ck['spec']['name']}: "
+        f"{ck['params'] / 1e6:.0f} M params, hidden {ck['spec']['hidden']}, intermediate "
+        f"{ck['spec']['intermediate']}, {ck['spec']['layers']} layers, vocab "
+        f"{ck['spec']['vocab']}, PLE {ck['spec']['ple_dim']}, vision "
+        f"{ck['spec']['v_layers']}×{ck['spec']['v_hidden']}); bf16 "
+        f"{ck['bf16']['bytes'] / 1e6:.0f} MB, nf4+double-quant "
+        f"{ck['nf4']['bytes'] / 1e6:.0f} MB ({ck['nf4']['packed_linears']} packed linears).",
+        "",
+        "Engine: `LLM(enforce_eager=True, max_model_len=512, max_num_seqs=4, "
+        "dtype=bfloat16)`, `VLLM_CPU_KVCACHE_SPACE=2`, one fresh subprocess per contender "
+        "and repetition, page cache warm. Cells: median (min).",
+        "",
+        "| contender | load_weights s | load_model s | peak RSS in loading process MiB "
+        "| decode b1 tok/s | decode b4 tok/s | status |",
+        "|---|---:|---:|---:|---:|---:|---|",
+    ]
+    for name, a in agg.items():
+        status = "ok" if not a["errors"] else ("FAILED: " + "; ".join(
+            e.replace("|", "\\|").replace("\n", " ")[:300] for e in a["errors"]))
+        if a["ok_runs"] and a["errors"]:
+            status = f"{a['ok_runs']}/{a['runs']} ok; " + status
+        rss = a["rss_peak_mb"]
+        floor = name.startswith("floor")
+        lines.append(
+            f"| {a['label']} | {_pair(a['load_weights_s'])} | "
+            f"{'—' if floor else _pair(a['load_model_s'])} | "
+            f"{'n/a' if not rss else format(rss['median'], '.0f')} | "
+            f"{'—' if floor else _pair(a['decode_b1_tok_s'])} | "
+            f"{'—' if floor else _pair(a['decode_b4_tok_s'])} | {status} |"
+        )
+    o, i, f, n = (agg.get(k, {}) for k in ("ours", "incumbent", "floor-nf4", "native-bf16"))
+    g = lambda d, k: d.get(k) if d else None  # noqa: E731
+    lines += [
+        "",
+        "| ratio (medians) | load_weights | load_model | peak RSS | decode b1 | decode b4 |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for label, other in (("ours / incumbent", i), ("ours / read floor (nf4)", f),
+                         ("ours / native bf16", n)):
+        lines.append(
+            f"| {label} | {_ratio(g(o, 'load_weights_s'), g(other, 'load_weights_s'))} | "
+            f"{_ratio(g(o, 'load_model_s'), g(other, 'load_model_s'))} | "
+            f"{_ratio(g(o, 'rss_peak_mb'), g(other, 'rss_peak_mb'))} | "
+            f"{_ratio(g(o, 'decode_b1_tok_s'), g(other, 'decode_b1_tok_s'))} | "
+            f"{_ratio(g(o, 'decode_b4_tok_s'), g(other, 'decode_b4_tok_s'))} |"
+        )
+    lines += [
+        "",
+        "Load ratios below 1× are better (faster); decode ratios above 1× are better.",
+        "",
+        "- **load_weights**: wall time of the loader's `load_weights(model, model_config)` "
+        "(reading, routing, and for the incumbent the quant-state stacking), measured by a "
+        "general plugin that wraps the loader `get_model_loader` returns, in the process that "
+        "loads the model. For the read floors: `safe_open` + `get_tensor().clone()` of every "
+        "tensor, kept in memory.",
+        "- **load_model**: the whole `loader.load_model` (model construction + load_weights + "
+        "post-processing, plus anything a loader does before its `load_weights`).",
+        "- **peak RSS**: highest RSS of the loading process while `load_model` runs "
+        "(sampled every 5 ms); it includes that process's baseline "
+        "(Python, torch, vLLM: " + (
+            f"{o['rss_before_mb']['median']:.0f} MiB for ours" if o.get('rss_before_mb')
+            else "see JSON") + " just before loading). Read floors: `ru_maxrss`.",
+        "- **decode**: `LLM.generate` of "
+        f"{report['tokens']} new tokens per sequence (greedy, `ignore_eos`, 16-token prompts, "
+        "no detokenization) after a warm-up request; tok/s = generated tokens / wall time.",
+    ]
+    if report.get("notes"):
+        lines += ["", "Notes:", ""] + [f"- {x}" for x in report["notes"]]
+    return "\n".join(lines) + "\n"
+
+
+def render_png(report: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    agg = report["aggregate"]
+    colors = {"floor-nf4": "#999999", "floor-bf16": "#cccccc", "ours": "#1f77b4",
+              "incumbent": "#ff7f0e", "native-bf16": "#2ca02c"}
+    fig, axes = plt.subplots(1, 4, figsize=(17, 4.8))
+    panels = [
+        ("load_weights_s", "load_weights (s, lower is better)", list(agg)),
+        ("rss_peak_mb", "peak RSS while loading (MiB)", list(agg)),
+        ("decode_b1_tok_s", "decode batch 1 (tok/s, higher is better)",
+         [k for k in agg if not k.startswith("floor")]),
+        ("decode_b4_tok_s", "decode batch 4 (tok/s, higher is better)",
+         [k for k in agg if not k.startswith("floor")]),
+    ]
+    for ax, (key, title, names) in zip(axes, panels, strict=True):
+        labels, med, lo, hi, cols = [], [], [], [], []
+        for nm in names:
+            s = agg[nm].get(key)
+            labels.append(nm)
+            cols.append(colors.get(nm, "#555555"))
+            if s:
+                med.append(s["median"])
+                lo.append(s["median"] - s["min"])
+                hi.append(s["max"] - s["median"])
+            else:
+                med.append(0.0)
+                lo.append(0.0)
+                hi.append(0.0)
+        x = range(len(labels))
+        ax.bar(x, med, color=cols, yerr=[lo, hi], capsize=4)
+        for xi, v, nm in zip(x, med, names, strict=True):
+            txt = f"{v:.2f}" if v < 100 else f"{v:.0f}"
+            if not agg[nm].get(key):
+                txt = "failed" if agg[nm]["errors"] else "n/a"
+            ax.text(xi, v, txt, ha="center", va="bottom", fontsize=8)
+        ax.set_xticks(list(x))
+        ax.set_xticklabels(labels, rotation=25, ha="right", fontsize=8)
+        ax.set_title(title, fontsize=9)
+    m, ck = report["machine"], report["checkpoint"]
+    fig.suptitle(
+        f"{ck['spec']['name']} ({ck['params'] / 1e6:.0f} M params, nf4 "
+        f"{ck['nf4']['bytes'] / 1e6:.0f} MB) on {m['cpu']} ({m['cores']} cores); "
+        f"vLLM {m['vllm']}; median of {report['reps']}, bars min–max",
+        fontsize=10,
+    )
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# ============================================================================================
+# Main
+# ============================================================================================
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--quick", action="store_true", help="small model (~60 M params)")
+    p.add_argument("--tokens", type=int, default=64, help="new tokens per sequence")
+    p.add_argument("--only", nargs="*", choices=list(BY_NAME), help="subset of contenders")
+    p.add_argument("--out", type=Path, default=RESULTS)
+    args = p.parse_args(argv)
+    start = time.monotonic()
+    spec = QUICK if args.quick else FULL
+    CACHE.mkdir(parents=True, exist_ok=True)
+    info = build_checkpoints(spec)
+    ckpts = {"nf4": CACHE / spec.name / "nf4", "bf16": CACHE / spec.name / "bf16"}
+    incumbent_version = install_incumbent()
+    install_hook()
+    contenders = [c for c in CONTENDERS if not args.only or c.name in args.only]
+    runs: list[dict[str, Any]] = []
+    failed_engine: set[str] = set()
+    for rep in range(args.reps):
+        for c in contenders:
+            if c.name in failed_engine:
+                log(f"rep {rep + 1}/{args.reps} {c.name}: skipped (failed in rep 1)")
+                continue
+            log(f"rep {rep + 1}/{args.reps} {c.name} ...")
+            r = run_contender(c, ckpts, rep, spec.vocab, args.tokens)
+            runs.append(r)
+            if r.get("ok"):
+                log(f"  {c.name}: load_weights {r.get('load_weights_s', 0):.3f} s, "
+                    f"load_model {r.get('load_model_s') or 0:.3f} s, "
+                    f"peak RSS {r.get('rss_peak_mb') or 0:.0f} MiB, "
+                    f"loader {r.get('loader')} (wall {r['wall_s']:.0f} s)")
+            else:
+                log(f"  {c.name}: FAILED: {(r.get('error') or '')[:300]} (log {r['log']})")
+                # A deterministic load failure repeats; don't spend the budget on it.
+                if c.kind == "engine" and rep == 0:
+                    failed_engine.add(c.name)
+    wall_min = (time.monotonic() - start) / 60
+    report = {
+        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+        "command": "python scripts/bench.py " + " ".join(argv if argv is not None
+                                                         else sys.argv[1:]),
+        "reps": args.reps, "tokens": args.tokens, "wall_min": wall_min,
+        "machine": machine(), "incumbent_version": incumbent_version,
+        "checkpoint": {**info, "spec": spec.__dict__},
+        "aggregate": aggregate(runs), "runs": runs, "notes": [],
+    }
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "latest.json").write_text(json.dumps(report, indent=1) + "\n")
+    (args.out / "latest.md").write_text(render_md(report))
+    render_png(report, args.out / "latest.png")
+    print(render_md(report))
+    log(f"done in {wall_min:.1f} min -> {args.out}/latest.{{md,json,png}}")
+    return 0
+
+
+def _worker_main(argv: list[str]) -> int:
+    p = argparse.ArgumentParser()
+    p.add_argument("--contender", required=True)
+    p.add_argument("--ckpt", required=True)
+    p.add_argument("--vocab", type=int, required=True)
+    p.add_argument("--tokens", type=int, required=True)
+    p.add_argument("--result", required=True)
+    args = p.parse_args(argv)
+    c = BY_NAME[args.contender]
+    res = worker_floor(args) if c.kind == "floor" else worker_engine(args)
+    Path(args.result).write_text(json.dumps(res))
+    # Engine shutdown can hang on CPU; the results are written, leave now.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
+if __name__ == "__main__":
+    if len(sys.argv) > 1 and sys.argv[1] == "_worker":
+        sys.exit(_worker_main(sys.argv[2:]))
+    if len(sys.argv) > 1 and sys.argv[1] == "_quantize":
+        _quantize(Path(sys.argv[2]), Path(sys.argv[3]))
+        sys.exit(0)
+    sys.exit(main())

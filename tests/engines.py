@@ -1,0 +1,129 @@
+"""Real vLLM engines for tests: `vllm.LLM` in a subprocess, and the OpenAI server."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from contextlib import contextmanager
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+CACHE = Path(tempfile.gettempdir()) / "vllm-bnb-mm-test-cache"
+
+# Small, fast CPU engine settings shared by every test engine.
+ENGINE_KWARGS = {
+    "max_model_len": 512,
+    "max_num_seqs": 2,
+    "enforce_eager": True,
+}
+
+
+def engine_env(**extra: str) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update({
+        "HF_HUB_OFFLINE": "1",
+        "VLLM_CPU_KVCACHE_SPACE": "1",
+        "VLLM_CACHE_ROOT": str(CACHE / "vllm"),
+        "TORCHINDUCTOR_CACHE_DIR": str(CACHE / "inductor"),
+        "PYTHONUNBUFFERED": "1",
+    })
+    env.update(extra)
+    return env
+
+
+class EngineFailed(RuntimeError):
+    pass
+
+
+def run_llm(
+    model: str, prompts: list[list[int]], max_tokens: int = 8, env: dict | None = None,
+    timeout: float = 600, **llm_kwargs,
+) -> list[dict]:
+    """Prompt logprobs, top-10 first-token logprobs and greedy tokens from `vllm.LLM`."""
+    spec = {
+        "model": model,
+        "llm_kwargs": {**ENGINE_KWARGS, **llm_kwargs},
+        "prompts": prompts,
+        "max_tokens": max_tokens,
+    }
+    proc = subprocess.run(
+        [sys.executable, str(HERE / "run_llm.py"), json.dumps(spec)],
+        capture_output=True, text=True, timeout=timeout, env=engine_env(**(env or {})),
+    )
+    lines = [line for line in proc.stdout.splitlines() if line.startswith('{"results"')]
+    if proc.returncode != 0 or not lines:
+        raise EngineFailed(
+            f"vllm.LLM on {model} failed (exit {proc.returncode}):\n{proc.stderr[-6000:]}"
+        )
+    return json.loads(lines[-1])["results"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    def __init__(self, proc: subprocess.Popen, port: int, log: Path) -> None:
+        self.proc, self.port, self.log = proc, port, log
+        self.base_url = f"http://127.0.0.1:{port}"
+
+    def healthy(self) -> bool:
+        try:
+            with urllib.request.urlopen(self.base_url + "/health", timeout=5) as r:
+                return r.status == 200
+        except OSError:
+            return False
+
+    def log_tail(self, n: int = 6000) -> str:
+        return self.log.read_text(errors="replace")[-n:]
+
+
+@contextmanager
+def openai_server(model: str, *args: str, dtype: str = "bfloat16", timeout: float = 420):
+    """`vllm serve MODEL --load-format bitsandbytes …` on a free loopback port.
+
+    `vllm serve` itself dies on this CPU stack (the distribution is named vllm-cpu);
+    the module below is the same server."""
+    port = free_port()
+    log = Path(tempfile.mkstemp(prefix="vllm-server-", suffix=".log")[1])
+    cmd = [
+        sys.executable, "-m", "vllm.entrypoints.openai.api_server",
+        "--model", model, "--host", "127.0.0.1", "--port", str(port),
+        "--load-format", "bitsandbytes", "--dtype", dtype,
+        "--max-model-len", "512", "--max-num-seqs", "2", "--enforce-eager",
+        "--limit-mm-per-prompt", '{"image":1,"video":0}', *args,
+    ]
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(
+            cmd, stdout=out, stderr=subprocess.STDOUT, env=engine_env(),
+            start_new_session=True,
+        )
+    server = Server(proc, port, log)
+    try:
+        deadline = time.monotonic() + timeout
+        while not server.healthy():
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise EngineFailed(f"server for {model} did not start:\n{server.log_tail()}")
+            time.sleep(1)
+        yield server
+    finally:
+        _stop(proc)
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
