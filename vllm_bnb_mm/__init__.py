@@ -38,7 +38,7 @@ def _disable_incumbent() -> None:
         return
     from vllm.logger import init_logger
 
-    logger = init_logger(__name__)
+    logger = init_logger(f"vllm.{__name__}")
     already = getattr(vllm_bnb_plugin, "_REGISTERED", False)
     vllm_bnb_plugin._REGISTERED = True
     logger.warning(

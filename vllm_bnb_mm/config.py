@@ -5,11 +5,8 @@ from __future__ import annotations
 from typing import Any, Literal
 
 import torch
-from vllm.logger import init_logger
 from vllm.model_executor.layers.linear import LinearBase, UnquantizedLinearMethod
 from vllm.model_executor.layers.quantization import QuantizationConfig
-
-logger = init_logger(__name__)
 
 ModuleKind = Literal["4bit", "8bit", "plain"]
 

@@ -29,7 +29,7 @@ from . import quant_state as qs
 from .config import BnbConfig
 from .registry import PACKED
 
-logger = init_logger(__name__)
+logger = init_logger(f"vllm.{__name__}")
 
 
 @dataclass

@@ -34,7 +34,7 @@ from .checkpoint import (
 from .config import BnbConfig, ModuleKind
 from .registry import PACKED, PackedTensor
 
-logger = init_logger(__name__)
+logger = init_logger(f"vllm.{__name__}")
 
 
 class BnbModelLoader(BaseModelLoader):
@@ -296,8 +296,11 @@ def log_load_summary(layout: CheckpointLayout, model: nn.Module) -> None:
             len(record.quantized_in_flight), ", ".join(sorted(record.quantized_in_flight)),
         )
     if ignored:
+        from vllm.distributed import get_pp_group
+
+        why = "other pipeline stages or unused" if get_pp_group().world_size > 1 else "unused"
         logger.info(
-            "BnB: %d checkpoint tensor(s) not loaded by %s.load_weights (ignored by the "
-            "model): %s", len(ignored), type(model).__name__, ", ".join(ignored[:20]),
+            "BnB: %d checkpoint tensor(s) not loaded by %s.load_weights (%s): %s",
+            len(ignored), type(model).__name__, why, ", ".join(ignored[:20]),
         )
 
