@@ -11,11 +11,32 @@ with tokenizer/processor/chat-template files so ``vllm serve DIR/NAME`` works, a
 ``reference.json`` holding HF transformers outputs of the saved checkpoint (see
 ``tiny_reference.py``). Offline, CPU-only, seeded; a variant whose ``reference.json`` carries
 the current ``BUILDER_VERSION`` is not rebuilt.
+
+reference.json (top level)::
+
+    builder_version, variant, description, family ("llama"|"gemma4"), architecture, base,
+    bnb_config            BitsAndBytesConfig kwargs used to quantize (null for bf16)
+    saved_quantization_config   config.json's quantization_config as transformers wrote it
+    layout                {quantized_groups, packed_modules {module: nf4|fp4|int8},
+                           bf16_linear_modules, lm_head ("tied"|"bf16"|"nf4"...),
+                           num_packed_modules} - checked against the safetensors header
+    processor             {processor_class, image_processor_class, image_processor_backend}
+    eos_token_ids, reference_notes (HF-side patches, e.g. the lm_head workaround),
+    sampling              {greedy_steps, top_logprobs, greedy_ignores_eos, ...}
+    versions, metrics     {red_blue_top5_max_gap_bf16, fp32_bf16_top5_max_gap}
+    cases                 [{name, kind ("text"|"image"|"audio"), messages (OpenAI chat format,
+                           media inlined as data), media_file?, audio_sample_rate?}]
+    references            {"float32"|"bfloat16": {case name: {prompt_token_ids,
+                           prompt_logprobs (positions 1..n-1), next_top_logprobs [[id, lp]]
+                           (top 10), greedy_token_ids, greedy_logprobs,
+                           greedy_top2_margins}}}
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import fcntl
 import json
 import math
 import os
@@ -23,6 +44,7 @@ import shutil
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -728,19 +750,43 @@ def build(
     names: list[str] | None = None, out: Path | None = None, *, force: bool = False
 ) -> dict[str, Path]:
     """Build (or reuse cached) variants; returns variant name -> checkpoint directory."""
-    names = list(VARIANTS) if not names else names
+    names = list(VARIANTS) if not names else list(dict.fromkeys(names))
     unknown = sorted(set(names) - set(VARIANTS))
     if unknown:
         raise ValueError(f"unknown variant(s) {unknown}; known: {sorted(VARIANTS)}")
     out = Path(out) if out is not None else DEFAULT_OUT
     out.mkdir(parents=True, exist_ok=True)
-    result = {name: out / name for name in names}
-    todo = [n for n in names if force or not _is_current(out / n)]
-    if not todo:
-        return result
+    with _build_lock(out):
+        _remove_stale_staging(out)
+        # Checked under the lock: another process (e.g. a parallel test worker) may have just
+        # built what we need.
+        todo = [n for n in names if force or not _is_current(out / n)]
+        if todo:
+            _build_all(todo, out)
+    return {name: out / name for name in names}
+
+
+@contextlib.contextmanager
+def _build_lock(out: Path) -> Iterator[None]:
+    with (out / ".build.lock").open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def _remove_stale_staging(out: Path) -> None:
+    # Hidden leftovers of a killed run; safe to delete because we hold the build lock.
+    for pattern in (".*.tmp-*", ".bases-*", ".*.old-*"):
+        for path in out.glob(pattern):
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def _build_all(names: list[str], out: Path) -> None:
     with tempfile.TemporaryDirectory(prefix=".bases-", dir=out) as tmp:
         bases: dict[str, Path] = {}
-        for name in todo:
+        for name in names:
             variant = VARIANTS[name]
             if variant.base not in bases:
                 bases[variant.base] = Path(tmp) / variant.base
@@ -752,7 +798,6 @@ def build(
                 _publish(staging, out / name)
             finally:
                 shutil.rmtree(staging, ignore_errors=True)
-    return result
 
 
 # --------------------------------------------------------------------------------------------
@@ -793,6 +838,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="output dir")
     parser.add_argument("--force", action="store_true", help="rebuild even if cached")
     args = parser.parse_args(argv)
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
     start = time.monotonic()
     paths = build(args.names or None, args.out, force=args.force)
     summarize(paths)

@@ -112,6 +112,7 @@ def build_cases(ckpt_dir: Path, *, images: bool, audio: bool) -> list[dict[str, 
                 "name": "audio-tone",
                 "kind": "audio",
                 "media_file": AUDIO_FILE,
+                "audio_sample_rate": AUDIO_SAMPLE_RATE,
                 "messages": [{"role": "user", "content": content}],
             }
         )
@@ -203,11 +204,12 @@ def _plain_lm_head(head: nn.Linear, dtype: torch.dtype) -> tuple[nn.Linear, str]
         linear.weight = nn.Parameter(data, requires_grad=False)
         return linear, "lm_head was Linear4bit; replaced by nn.Linear with dequantize_4bit weight"
     # Tied embeddings: the Linear4bit wraps the plain bf16 embedding tensor and has no quant
-    # state, so its forward asserts. Keep the tie by reusing that tensor.
+    # state, so bitsandbytes' forward asserts (it expects a packed [n, 1] weight). Keep the tie
+    # by reusing that tensor.
     linear.weight = weight
     return linear, (
-        "lm_head was a Linear4bit wrapping the tied, unquantized embedding (no quant state; HF "
-        "forward raises AssertionError); replaced by nn.Linear sharing the embedding weight"
+        "lm_head is a bnb Linear4bit around the tied, unquantized embedding (no quant state, "
+        "bitsandbytes asserts in forward); replaced by nn.Linear sharing the embedding weight"
     )
 
 
@@ -239,7 +241,7 @@ def load_reference_model(
         raise RuntimeError(f"HF inference fails for {ckpt_dir.name}") from error
     new_head, note = _plain_lm_head(head, dtype)
     model.set_output_embeddings(new_head)
-    notes.append(f"{note} (original error: {type(error).__name__}: {error})".strip())
+    notes.append(f"{note} (HF error: {type(error).__name__} {error})".rstrip())
     error = _probe(model, probe_inputs)
     if error is not None:
         raise RuntimeError(f"HF inference still fails for {ckpt_dir.name}") from error
