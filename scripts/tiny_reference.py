@@ -217,7 +217,7 @@ def _probe(model: nn.Module, inputs: dict[str, torch.Tensor]) -> Exception | Non
     try:
         with torch.no_grad():
             model(**inputs, use_cache=False)
-    except Exception as exc:  # noqa: BLE001 - any failure means HF cannot run it as saved
+    except Exception as exc:  # any failure means HF cannot run the checkpoint as saved
         return exc
     return None
 
@@ -241,7 +241,8 @@ def load_reference_model(
         raise RuntimeError(f"HF inference fails for {ckpt_dir.name}") from error
     new_head, note = _plain_lm_head(head, dtype)
     model.set_output_embeddings(new_head)
-    notes.append(f"{note} (HF error: {type(error).__name__} {error})".rstrip())
+    detail = f": {error}" if str(error) else ""
+    notes.append(f"{note} (HF error: {type(error).__name__}{detail})")
     error = _probe(model, probe_inputs)
     if error is not None:
         raise RuntimeError(f"HF inference still fails for {ckpt_dir.name}") from error
