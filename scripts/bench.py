@@ -370,6 +370,30 @@ class _Sampler(threading.Thread):
             self.peak = max(self.peak, _rss_bytes())
 
 
+def _start_pyspy(out):
+    """Profiling runs only: sample this process with py-spy until _stop_pyspy."""
+    if not out:
+        return None
+    import subprocess
+
+    spy = subprocess.Popen(
+        [os.environ["BENCH_PYSPY_BIN"], "record", "--pid", str(os.getpid()), "--rate", "100",
+         "--nonblocking", "--format", "raw", "-o", out],
+        stdout=subprocess.DEVNULL, stderr=open(out + ".log", "w"),
+        preexec_fn=lambda: os.sched_setaffinity(0, range(os.cpu_count())),
+    )
+    time.sleep(2.0)  # let it attach
+    return spy
+
+
+def _stop_pyspy(spy):
+    if spy is not None:
+        import signal
+
+        spy.send_signal(signal.SIGINT)
+        spy.wait(timeout=60)
+
+
 def _write(rec):
     path = os.environ.get("BENCH_RECORD")
     if path:
@@ -392,6 +416,7 @@ def _wrap(loader):
         qc = getattr(vllm_config, "quant_config", None)
         if qc is not None:
             rec["quant_config"] = f"{type(qc).__module__}.{type(qc).__qualname__}"
+        spy = _start_pyspy(os.environ.get("BENCH_PYSPY_LOAD"))
         rec["rss_before_mb"] = _rss_bytes() / 2**20
         sampler = _Sampler()
         sampler.start()
@@ -407,6 +432,7 @@ def _wrap(loader):
             raise
         finally:
             rec["load_model_s"] = time.perf_counter() - t
+            _stop_pyspy(spy)
             sampler.stop.set()
             sampler.join()
             rec["rss_peak_mb"] = max(sampler.peak, _rss_bytes()) / 2**20
@@ -508,6 +534,10 @@ def prompts(n: int, vocab: int) -> list[list[int]]:
 
 
 def worker_floor(args: argparse.Namespace) -> dict[str, Any]:
+    """The read floor: every tensor of the file read with safe_open + get_tensor().clone()
+    (get_tensor alone is an mmap view and reads nothing). "stream" drops each copy (what the
+    anchor numbers measure); "keep" holds them all, as a loader must, so it also pays the page
+    faults of fresh memory and gives the RSS bound."""
     import resource
 
     import torch
@@ -516,34 +546,40 @@ def worker_floor(args: argparse.Namespace) -> dict[str, Any]:
     files = _safetensors(Path(args.ckpt))
     torch.set_num_threads(1)
 
-    def read_all() -> int:
+    def read_all(keep: list | None) -> int:
         total = 0
         for f in files:
             with safe_open(str(f), "pt") as sf:
                 for k in sf.keys():
                     t = sf.get_tensor(k).clone()
                     total += t.numel() * t.element_size()
+                    if keep is not None:
+                        keep.append(t)
                     del t
         return total
 
-    read_all()  # warm the page cache (and the code paths)
+    read_all(None)  # page cache and code paths warm
+    stream = []
+    for _ in range(3):
+        t = time.perf_counter()
+        total = read_all(None)
+        stream.append(time.perf_counter() - t)
+    rss_before = _rss_mb()
+    kept: list = []
     t = time.perf_counter()
-    total = read_all()
-    dt = time.perf_counter() - t
-
-    # Peak RSS of a read that keeps everything (the loaders keep every tensor too).
-    keep = []
-    t = time.perf_counter()
-    for f in files:
-        with safe_open(str(f), "pt") as sf:
-            for k in sf.keys():
-                keep.append(sf.get_tensor(k).clone())
+    read_all(kept)
     dt_keep = time.perf_counter() - t
     return {
-        "ok": True, "load_weights_s": dt_keep, "read_stream_s": dt, "bytes": total,
+        "ok": True, "load_weights_s": statistics.median(stream), "stream_s": stream,
+        "keep_s": dt_keep, "bytes": total, "rss_before_mb": rss_before,
         "rss_peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "loader": "safetensors safe_open + get_tensor().clone()",
     }
+
+
+def _rss_mb() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
 def worker_engine(args: argparse.Namespace) -> dict[str, Any]:
@@ -597,13 +633,29 @@ def worker_engine(args: argparse.Namespace) -> dict[str, Any]:
     llm.generate([{"prompt_token_ids": p} for p in prompts(4, vocab)],
                  SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True,
                                 detokenize=False), use_tqdm=False)
+    spy_prefix = os.environ.get("BENCH_PYSPY_DECODE")
+    loader_pid = None
+    if spy_prefix:
+        recs = Path(os.environ["BENCH_RECORD"]).read_text().splitlines()
+        loader_pid = json.loads(recs[-1])["pid"] if recs else None
     for b in BATCHES:
+        spy = None
+        if spy_prefix and loader_pid:
+            spy = subprocess.Popen(
+                [os.environ["BENCH_PYSPY_BIN"], "record", "--pid", str(loader_pid), "--rate",
+                 "100", "--nonblocking", "--format", "raw", "-o", f"{spy_prefix}-b{b}.txt"],
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            )
+            time.sleep(2.0)
         sp = SamplingParams(max_tokens=args.tokens, temperature=0.0, ignore_eos=True,
                             detokenize=False)
         batch = [{"prompt_token_ids": p} for p in prompts(b, vocab)]
         t = time.perf_counter()
         res = llm.generate(batch, sp, use_tqdm=False)
         dt = time.perf_counter() - t
+        if spy is not None:
+            spy.send_signal(signal.SIGINT)
+            spy.wait(timeout=60)
         n = sum(len(r.outputs[0].token_ids) for r in res)
         decode[str(b)] = {"tokens": n, "seconds": dt, "tok_s": n / dt,
                           "first_ids": list(res[0].outputs[0].token_ids[:8])}
@@ -710,7 +762,11 @@ def aggregate(runs: list[dict[str, Any]]) -> dict[str, Any]:
             "load_model_s": stats([r.get("load_model_s") for r in ok]),
             "rss_peak_mb": stats([r.get("rss_peak_mb") for r in ok]),
             "rss_before_mb": stats([r.get("rss_before_mb") for r in ok]),
+            "rss_growth_mb": stats([r["rss_peak_mb"] - r["rss_before_mb"] for r in ok
+                                    if r.get("rss_peak_mb") and r.get("rss_before_mb")]),
+            "keep_s": stats([r.get("keep_s") for r in ok]),
             "engine_init_s": stats([r.get("engine_init_s") for r in ok]),
+            "loadavg1": stats([r.get("loadavg1_before") for r in rs]),
         }
         for b in BATCHES:
             a[f"decode_b{b}_tok_s"] = stats(
@@ -726,16 +782,25 @@ def machine() -> dict[str, Any]:
     import vllm
 
     cpu = "unknown"
+    ident: dict[str, int] = {}
     flags: list[str] = []
     with open("/proc/cpuinfo") as f:
         for line in f:
             if line.startswith("model name") and cpu == "unknown":
                 cpu = line.split(":", 1)[1].strip()
+            if line.startswith("cpu family") and "family" not in ident:
+                ident["family"] = int(line.split(":", 1)[1])
+            if re.match(r"model\s*:", line) and "model" not in ident:
+                ident["model"] = int(line.split(":", 1)[1])
             if line.startswith("flags") and not flags:
                 flags = line.split(":", 1)[1].split()
     mem_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    if ident.get("family") == 25 and ident.get("model") in (0x11, 0x18, 0x61, 0xA0):
+        cpu += " (Zen 4)"
+    hypervisor = "hypervisor" in flags
     return {
-        "cpu": cpu, "cores": os.cpu_count(),
+        "cpu": cpu, "cpu_family_model": ident, "virtualized": hypervisor,
+        "cores": os.cpu_count(),
         "affinity": len(os.sched_getaffinity(0)),
         "isa": [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")
                 if f in flags],
@@ -759,85 +824,129 @@ def _ratio(a: dict | None, b: dict | None) -> str:
     return f"{a['median'] / b['median']:.2f}×"
 
 
+def _esc(text: str) -> str:
+    return text.replace("|", "\\|").replace("\n", " ")
+
+
 def render_md(report: dict[str, Any]) -> str:
     agg, m, ck = report["aggregate"], report["machine"], report["checkpoint"]
+    sp = ck["spec"]
     lines = [
         "# Load and decode benchmark: vllm-bnb-mm vs vllm-bnb-plugin vs vLLM bf16",
         "",
         f"Generated {report['date']} by `{report['command']}` "
-        f"({report['reps']} reps, {report['wall_min']:.1f} min).",
+        f"({report['reps']} repetitions, {report['wall_min']:.1f} min).",
         "",
-        f"**Machine**: {m['cpu']}, {m['cores']} cores ({'/'.join(m['isa'])}), "
-        f"{m['mem_gib']} GiB RAM; vLLM {m['vllm']}, torch {m['torch']}, "
-        f"transformers {m['transformers']}, bitsandbytes {m['bitsandbytes']}, "
-        f"incumbent vllm-bnb-plugin {report['incumbent_version']}.",
+        f"**Machine**: {m['cpu']} (family {m['cpu_family_model'].get('family')}, model "
+        f"{m['cpu_family_model'].get('model')}{', KVM guest' if m['virtualized'] else ''}), "
+        f"{m['cores']} cores ({'/'.join(m['isa'])}), {m['mem_gib']} GiB RAM; Python "
+        f"{m['python']}, vLLM {m['vllm']} (CPU), torch {m['torch']}, transformers "
+        f"{m['transformers']}, bitsandbytes {m['bitsandbytes']}; incumbent vllm-bnb-plugin "
+        f"{report['incumbent_version']}.",
         "",
-        f"**Checkpoint**: random-weight `{ck['architecture']}` ({ck['spec']['name']}: "
-        f"{ck['params'] / 1e6:.0f} M params, hidden {ck['spec']['hidden']}, intermediate "
-        f"{ck['spec']['intermediate']}, {ck['spec']['layers']} layers, vocab "
-        f"{ck['spec']['vocab']}, PLE {ck['spec']['ple_dim']}, vision "
-        f"{ck['spec']['v_layers']}×{ck['spec']['v_hidden']}); bf16 "
-        f"{ck['bf16']['bytes'] / 1e6:.0f} MB, nf4+double-quant "
-        f"{ck['nf4']['bytes'] / 1e6:.0f} MB ({ck['nf4']['packed_linears']} packed linears).",
+        f"**Checkpoint**: random weights, `{ck['architecture']}` ({sp['name']}: "
+        f"{ck['params'] / 1e6:.0f} M params; text hidden {sp['hidden']}, intermediate "
+        f"{sp['intermediate']}, {sp['layers']} layers (5 sliding : 1 full), {sp['heads']} heads, "
+        f"head_dim {sp['head_dim']}/{sp['global_head_dim']}, vocab {sp['vocab']}, per-layer "
+        f"embeddings {sp['ple_dim']}, tied embeddings; vision {sp['v_layers']} layers × "
+        f"{sp['v_hidden']}). bf16 file {ck['bf16']['bytes'] / 1e6:.0f} MB; nf4 + double quant "
+        f"(transformers + bitsandbytes, default skip list) {ck['nf4']['bytes'] / 1e6:.0f} MB, "
+        f"{ck['nf4']['packed_linears']} packed linears (text, PLE, vision tower, "
+        "embed_vision).",
         "",
         "Engine: `LLM(enforce_eager=True, max_model_len=512, max_num_seqs=4, "
-        "dtype=bfloat16)`, `VLLM_CPU_KVCACHE_SPACE=2`, one fresh subprocess per contender "
-        "and repetition, page cache warm. Cells: median (min).",
+        "dtype=\"bfloat16\")`, `VLLM_CPU_KVCACHE_SPACE=2`; BnB contenders add "
+        "`quantization=load_format=\"bitsandbytes\"` with only their plugin enabled "
+        "(`VLLM_PLUGINS`). One fresh subprocess per contender and repetition, page cache warm. "
+        "Cells: median (min) over repetitions.",
         "",
-        "| contender | load_weights s | load_model s | peak RSS in loading process MiB "
+        "| contender | load_weights s | load_model s | peak RSS MiB | RSS growth MiB "
         "| decode b1 tok/s | decode b4 tok/s | status |",
-        "|---|---:|---:|---:|---:|---:|---|",
+        "|---|---:|---:|---:|---:|---:|---:|---|",
     ]
     for name, a in agg.items():
-        status = "ok" if not a["errors"] else ("FAILED: " + "; ".join(
-            e.replace("|", "\\|").replace("\n", " ")[:300] for e in a["errors"]))
+        status = "ok" if not a["errors"] else (
+            "FAILED: " + "; ".join(_esc(e)[:300] for e in a["errors"]))
         if a["ok_runs"] and a["errors"]:
             status = f"{a['ok_runs']}/{a['runs']} ok; " + status
-        rss = a["rss_peak_mb"]
         floor = name.startswith("floor")
+
+        def mib(key: str, a: dict = a) -> str:
+            return "n/a" if not a.get(key) else format(a[key]["median"], ".0f")
+
         lines.append(
             f"| {a['label']} | {_pair(a['load_weights_s'])} | "
-            f"{'—' if floor else _pair(a['load_model_s'])} | "
-            f"{'n/a' if not rss else format(rss['median'], '.0f')} | "
+            f"{'—' if floor else _pair(a['load_model_s'])} | {mib('rss_peak_mb')} | "
+            f"{mib('rss_growth_mb')} | "
             f"{'—' if floor else _pair(a['decode_b1_tok_s'])} | "
             f"{'—' if floor else _pair(a['decode_b4_tok_s'])} | {status} |"
         )
     o, i, f, n = (agg.get(k, {}) for k in ("ours", "incumbent", "floor-nf4", "native-bf16"))
-    g = lambda d, k: d.get(k) if d else None  # noqa: E731
+
+    def g(d: dict, k: str) -> dict | None:
+        return d.get(k) if d else None
+
     lines += [
         "",
-        "| ratio (medians) | load_weights | load_model | peak RSS | decode b1 | decode b4 |",
-        "|---|---:|---:|---:|---:|---:|",
+        "| ratio of medians | load_weights | load_model | peak RSS | RSS growth | decode b1 "
+        "| decode b4 |",
+        "|---|---:|---:|---:|---:|---:|---:|",
     ]
     for label, other in (("ours / incumbent", i), ("ours / read floor (nf4)", f),
                          ("ours / native bf16", n)):
-        lines.append(
-            f"| {label} | {_ratio(g(o, 'load_weights_s'), g(other, 'load_weights_s'))} | "
-            f"{_ratio(g(o, 'load_model_s'), g(other, 'load_model_s'))} | "
-            f"{_ratio(g(o, 'rss_peak_mb'), g(other, 'rss_peak_mb'))} | "
-            f"{_ratio(g(o, 'decode_b1_tok_s'), g(other, 'decode_b1_tok_s'))} | "
-            f"{_ratio(g(o, 'decode_b4_tok_s'), g(other, 'decode_b4_tok_s'))} |"
-        )
+        cells = [_ratio(g(o, k), g(other, k)) for k in (
+            "load_weights_s", "load_model_s", "rss_peak_mb", "rss_growth_mb",
+            "decode_b1_tok_s", "decode_b4_tok_s")]
+        if other is f:
+            cells[1], cells[4], cells[5] = "—", "—", "—"
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    loads = sorted(r.get("loadavg1_before", 0.0) for r in report["runs"])
+    keep = g(f, "keep_s")
     lines += [
         "",
-        "Load ratios below 1× are better (faster); decode ratios above 1× are better.",
+        "Load ratios below 1× are better (faster / smaller); decode ratios above 1× are better.",
         "",
         "- **load_weights**: wall time of the loader's `load_weights(model, model_config)` "
-        "(reading, routing, and for the incumbent the quant-state stacking), measured by a "
-        "general plugin that wraps the loader `get_model_loader` returns, in the process that "
-        "loads the model. For the read floors: `safe_open` + `get_tensor().clone()` of every "
-        "tensor, kept in memory.",
-        "- **load_model**: the whole `loader.load_model` (model construction + load_weights + "
-        "post-processing, plus anything a loader does before its `load_weights`).",
-        "- **peak RSS**: highest RSS of the loading process while `load_model` runs "
-        "(sampled every 5 ms); it includes that process's baseline "
-        "(Python, torch, vLLM: " + (
-            f"{o['rss_before_mb']['median']:.0f} MiB for ours" if o.get('rss_before_mb')
-            else "see JSON") + " just before loading). Read floors: `ru_maxrss`.",
+        "(read, route, copy; for the incumbent also its quant-state stacking), timed by a "
+        "general plugin (`bench_hook`) that wraps the loader `get_model_loader` returns, in the "
+        "vLLM worker process that loads the model; for vLLM's default loader it agrees with "
+        "its own `Loading weights took` log line. Read floors: `safe_open` + "
+        "`get_tensor().clone()` of every tensor, each copy dropped (median of 3 passes)"
+        + (f"; keeping every copy, as a loader must, takes {keep['median']:.2f} s for the nf4 "
+           "file (fresh-memory page faults)" if keep else "") + ".",
+        "- **load_model**: the whole `loader.load_model` (model construction, anything a loader "
+        "does before `load_weights`, `load_weights`, and `process_weights_after_loading`, "
+        "where kernel-format repacking happens).",
+        "- **peak RSS**: highest RSS of the loading process during `load_model` (sampled every "
+        "5 ms); **RSS growth**: that peak minus the RSS just before loading (the process "
+        "baseline, Python + torch + vLLM, is "
+        + (f"{o['rss_before_mb']['median']:.0f} MiB" if o.get("rss_before_mb") else "n/a")
+        + "). Read floors: `ru_maxrss` with every tensor kept; growth over the RSS after "
+        "the streaming passes.",
         "- **decode**: `LLM.generate` of "
         f"{report['tokens']} new tokens per sequence (greedy, `ignore_eos`, 16-token prompts, "
-        "no detokenization) after a warm-up request; tok/s = generated tokens / wall time.",
+        "no detokenization) after a warm-up request; tok/s = generated tokens / wall time. "
+        "All contenders produced the same greedy tokens (first 8 ids compared).",
+        f"- **Noise**: the box is shared; 1-min load average before each run ranged "
+        f"{loads[0]:.1f}–{loads[-1]:.1f} on {m['cores']} cores"
+        if loads else "- **Noise**: n/a",
     ]
+    if report.get("same_tokens") is False:
+        lines[-2] = lines[-2].replace("All contenders produced the same greedy tokens",
+                                      "Greedy tokens DIFFER between contenders")
+    lines[-1] += "; vLLM pins its CPU worker to one core and leaves the other to the engine."
+    loaders = {name: a["loaders"] for name, a in agg.items() if not name.startswith("floor")}
+    lines += ["", "Loader class that actually ran (checked per run): " + "; ".join(
+        f"{k}: `{', '.join(v) or 'none'}`" for k, v in loaders.items()) + "."]
+    if report.get("profiles"):
+        lines += ["", "## py-spy profiles (one extra, unmeasured run each; 100 Hz)", ""]
+        for prof in report["profiles"]:
+            lines += [f"### {prof['contender']}: {prof['phase']} ({prof['samples']} samples in "
+                      f"`{prof['root']}`)", "", "| self % | leaf frame |", "|---:|---|"]
+            lines += [f"| {pct:.1f} | `{_esc(fr)}` |" for fr, pct in prof["self"]]
+            lines += ["", "| incl. % | frame |", "|---:|---|"]
+            lines += [f"| {pct:.1f} | `{_esc(fr)}` |" for fr, pct in prof["inclusive"]]
+            lines.append("")
     if report.get("notes"):
         lines += ["", "Notes:", ""] + [f"- {x}" for x in report["notes"]]
     return "\n".join(lines) + "\n"

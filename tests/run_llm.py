@@ -18,7 +18,8 @@ def main() -> None:
 
     llm = LLM(model=spec["model"], **spec["llm_kwargs"])
     params = SamplingParams(
-        max_tokens=spec.get("max_tokens", 8), temperature=0.0, logprobs=10, prompt_logprobs=1
+        max_tokens=spec.get("max_tokens", 8), temperature=0.0, logprobs=10, prompt_logprobs=1,
+        ignore_eos=True,
     )
     outputs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in spec["prompts"]], params)
     results = []
