@@ -630,9 +630,11 @@ def worker_engine(args: argparse.Namespace) -> dict[str, Any]:
     vocab = args.vocab
     decode: dict[str, Any] = {}
     # Warm-up: first requests pay one-time costs (kernels, allocator).
+    t = time.perf_counter()
     llm.generate([{"prompt_token_ids": p} for p in prompts(4, vocab)],
                  SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True,
                                 detokenize=False), use_tqdm=False)
+    out["warmup_s"] = time.perf_counter() - t
     spy_prefix = os.environ.get("BENCH_PYSPY_DECODE")
     loader_pid = None
     if spy_prefix:
@@ -665,10 +667,11 @@ def worker_engine(args: argparse.Namespace) -> dict[str, Any]:
     return out
 
 
-def run_contender(c: Contender, ckpts: dict[str, Path], rep: int, vocab: int,
-                  tokens: int) -> dict[str, Any]:
+def run_contender(c: Contender, ckpts: dict[str, Path], rep: int | str, vocab: int,
+                  tokens: int, extra_env: dict[str, str] | None = None) -> dict[str, Any]:
     LOG_DIR.mkdir(parents=True, exist_ok=True)
-    logfile = LOG_DIR / f"{c.name}-rep{rep}.log"
+    logfile = LOG_DIR / (f"{c.name}-rep{rep}.log" if isinstance(rep, int)
+                         else f"{c.name}-{rep}.log")
     record = Path(tempfile.mkstemp(prefix="rec-", suffix=".jsonl", dir=CACHE)[1])
     result_file = Path(tempfile.mkstemp(prefix="res-", suffix=".json", dir=CACHE)[1])
     # Page cache warm for every contender alike.
@@ -682,7 +685,8 @@ def run_contender(c: Contender, ckpts: dict[str, Path], rep: int, vocab: int,
     load_before = os.getloadavg()[0]
     t0 = time.monotonic()
     with open(logfile, "w") as lf:
-        proc = subprocess.Popen(cmd, env=contender_env(c, record), stdout=lf,
+        env = contender_env(c, record) | (extra_env or {})
+        proc = subprocess.Popen(cmd, env=env, stdout=lf,
                                 stderr=subprocess.STDOUT, start_new_session=True)
         try:
             rc = proc.wait(timeout=ENGINE_TIMEOUT_S)
@@ -733,6 +737,97 @@ def run_contender(c: Contender, ckpts: dict[str, Path], rep: int, vocab: int,
             errs = [ln for ln in text.splitlines() if "Error" in ln or "error" in ln]
             res["error"] = errs[-1][-500:] if errs else f"exit {rc}, see {logfile}"
     return res
+
+
+PROFILE_PHASES = (
+    # phase, file suffix, root frame (stacks outside it are other threads / idle polling)
+    ("load", "-load.txt", "load_model (bench_hook.py"),
+    ("decode batch 1", "-decode-b1.txt", "GPUModelRunner.execute_model ("),
+    ("decode batch 4", "-decode-b4.txt", "GPUModelRunner.execute_model ("),
+)
+
+
+def ensure_pyspy() -> str | None:
+    exe = Path(sys.executable).parent / "py-spy"
+    if not exe.exists():
+        log("installing py-spy into the venv (for --profile)")
+        subprocess.run([sys.executable, "-m", "pip", "install", "-q", "py-spy"], check=False)
+    return str(exe) if exe.exists() else shutil.which("py-spy")
+
+
+def summarize_profile(path: Path, root: str, top: int = 12) -> dict[str, Any] | None:
+    """Top leaf frames and top functions (inclusive) of py-spy raw (collapsed) stacks."""
+    if not path.exists():
+        return None
+    leaf: dict[str, int] = {}
+    incl: dict[str, int] = {}
+    total = 0
+
+    def short(frame: str) -> str:
+        return re.sub(r"\((?:/[^()]*?/)?(?:site-packages|work/main)/", "(", frame)
+
+    for line in path.read_text(errors="replace").splitlines():
+        stack, _, count = line.rpartition(" ")
+        if not stack or not count.isdigit():
+            continue
+        frames = stack.split(";")
+        at = next((k for k, fr in enumerate(frames) if root in fr), None)
+        if at is None:
+            continue
+        frames = frames[at:]
+        n = int(count)
+        total += n
+        key = short(frames[-1])
+        leaf[key] = leaf.get(key, 0) + n
+        for fn in {re.sub(r":\d+\)$", ")", short(fr)) for fr in frames}:
+            incl[fn] = incl.get(fn, 0) + n
+    if not total:
+        return None
+    # Drop the wrapper chain above the root and generic dispatch frames.
+    generic = ("torch/nn/modules/module.py", "torch/_ops.py", "torch/_compile.py",
+               "torch/_dynamo/", "torch/library.py", "torch/utils/_contextlib.py",
+               "vllm/compilation/decorators.py", "vllm/ir/op.py", "vllm/tracing/",
+               "CustomOp.forward", "<frozen importlib")
+    inner = [(k, v) for k, v in incl.items()
+             if v < total and not any(x in k for x in generic)]
+    return {
+        "root": root, "samples": total,
+        "self": [(k, 100 * v / total)
+                 for k, v in sorted(leaf.items(), key=lambda kv: -kv[1])[:top]],
+        "inclusive": [(k, 100 * v / total)
+                      for k, v in sorted(inner, key=lambda kv: -kv[1])[:top + 8]],
+    }
+
+
+def run_profiles(names: list[str], ckpts: dict[str, Path], vocab: int,
+                 tokens: int) -> list[dict[str, Any]]:
+    spy = ensure_pyspy()
+    if spy is None:
+        log("py-spy not available; skipping profiles")
+        return []
+    out_dir = CACHE / "profiles"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    profiles = []
+    for name in names:
+        c = BY_NAME[name]
+        if c.kind != "engine":
+            continue
+        for _, suffix, _ in PROFILE_PHASES:
+            (out_dir / f"{name}{suffix}").unlink(missing_ok=True)
+        log(f"profile run (py-spy, not measured): {name} ...")
+        env = {"BENCH_PYSPY_BIN": spy,
+               "BENCH_PYSPY_LOAD": str(out_dir / f"{name}-load.txt"),
+               "BENCH_PYSPY_DECODE": str(out_dir / f"{name}-decode")}
+        r = run_contender(c, ckpts, "profile", vocab, tokens, extra_env=env)
+        if not r.get("ok"):
+            log(f"  {name}: profile run failed: {(r.get('error') or '')[:200]}")
+        for phase, suffix, root in PROFILE_PHASES:
+            summary = summarize_profile(out_dir / f"{name}{suffix}", root)
+            if summary:
+                profiles.append({"contender": name, "phase": phase,
+                                 "file": str((out_dir / f"{name}{suffix}").relative_to(REPO)),
+                                 **summary})
+    return profiles
 
 
 # ============================================================================================
@@ -1019,6 +1114,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--only", nargs="*", choices=list(BY_NAME), help="subset of contenders")
     p.add_argument("--out", type=Path, default=RESULTS)
     p.add_argument("--build-only", action="store_true", help="only build the checkpoints")
+    p.add_argument("--profile", nargs="*", default=["ours"], choices=list(BY_NAME),
+                   help="contenders to profile with py-spy in one extra, unmeasured run "
+                   "after the measured ones (default: ours; no names: none)")
     args = p.parse_args(argv)
     start = time.monotonic()
     spec = QUICK if args.quick else FULL
@@ -1051,6 +1149,9 @@ def main(argv: list[str] | None = None) -> int:
                 # A deterministic load failure repeats; don't spend the budget on it.
                 if c.kind == "engine" and rep == 0:
                     failed_engine.add(c.name)
+    profiles = run_profiles(args.profile, ckpts, spec.vocab, args.tokens) if args.profile else []
+    firsts = {json.dumps(r["decode"][str(b)]["first_ids"]) for r in runs if r.get("decode")
+              for b in BATCHES}
     wall_min = (time.monotonic() - start) / 60
     report = {
         "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
@@ -1060,6 +1161,7 @@ def main(argv: list[str] | None = None) -> int:
         "machine": machine(), "incumbent_version": incumbent_version,
         "checkpoint": {**info, "spec": spec.__dict__},
         "aggregate": aggregate(runs), "runs": runs, "notes": [],
+        "same_tokens": len(firsts) <= 1, "profiles": profiles,
     }
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "latest.json").write_text(json.dumps(report, indent=1) + "\n")

@@ -53,14 +53,19 @@ def run_llm(
         "prompts": prompts,
         "max_tokens": max_tokens,
     }
-    proc = subprocess.run(
+    proc = subprocess.Popen(
         [sys.executable, str(HERE / "run_llm.py"), json.dumps(spec)],
-        capture_output=True, text=True, timeout=timeout, env=engine_env(**(env or {})),
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env=engine_env(**(env or {})), start_new_session=True,
     )
-    lines = [line for line in proc.stdout.splitlines() if line.startswith('{"results"')]
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout)
+    finally:
+        _stop(proc)  # the engine's own child processes go with the group
+    lines = [line for line in stdout.splitlines() if line.startswith('{"results"')]
     if proc.returncode != 0 or not lines:
         raise EngineFailed(
-            f"vllm.LLM on {model} failed (exit {proc.returncode}):\n{proc.stderr[-6000:]}"
+            f"vllm.LLM on {model} failed (exit {proc.returncode}):\n{stderr[-6000:]}"
         )
     return json.loads(lines[-1])["results"]
 
@@ -120,10 +125,17 @@ def openai_server(model: str, *args: str, dtype: str = "bfloat16", timeout: floa
 
 
 def _stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
+    """Stop the process and everything it started (engine core, workers)."""
+    try:
         os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+    except ProcessLookupError:
+        return
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        pass
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait()
