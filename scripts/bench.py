@@ -870,6 +870,16 @@ def aggregate(runs: list[dict[str, Any]]) -> dict[str, Any]:
     return agg
 
 
+def ours_revision() -> str:
+    """Last commit touching vllm_bnb_mm/ (+ "-dirty" with uncommitted changes there)."""
+    def git(*a: str) -> str:
+        r = subprocess.run(["git", "-C", str(REPO), *a], capture_output=True, text=True)
+        return r.stdout.strip() if r.returncode == 0 else ""
+
+    rev = git("log", "-1", "--format=%h", "--", "vllm_bnb_mm") or "unknown"
+    return rev + ("-dirty" if git("status", "--porcelain", "--", "vllm_bnb_mm") else "")
+
+
 def machine() -> dict[str, Any]:
     import bitsandbytes
     import torch
@@ -937,7 +947,7 @@ def render_md(report: dict[str, Any]) -> str:
         f"{m['cores']} cores ({'/'.join(m['isa'])}), {m['mem_gib']} GiB RAM; Python "
         f"{m['python']}, vLLM {m['vllm']} (CPU), torch {m['torch']}, transformers "
         f"{m['transformers']}, bitsandbytes {m['bitsandbytes']}; incumbent vllm-bnb-plugin "
-        f"{report['incumbent_version']}.",
+        f"{report['incumbent_version']}; ours (vllm-bnb-mm) at {report.get('ours', 'n/a')}.",
         "",
         f"**Checkpoint**: random weights, `{ck['architecture']}` ({sp['name']}: "
         f"{ck['params'] / 1e6:.0f} M params; text hidden {sp['hidden']}, intermediate "
@@ -1008,7 +1018,9 @@ def render_md(report: dict[str, Any]) -> str:
         "its own `Loading weights took` log line. Read floors: `safe_open` + "
         "`get_tensor().clone()` of every tensor, each copy dropped (median of 3 passes)"
         + (f"; keeping every copy, as a loader must, takes {keep['median']:.2f} s for the nf4 "
-           "file (fresh-memory page faults)" if keep else "") + ".",
+           "file (fresh-memory page faults)"
+           + (f", and ours / that is {o['load_weights_s']['median'] / keep['median']:.2f}×"
+              if o.get("load_weights_s") else "") if keep else "") + ".",
         "- **load_model**: the whole `loader.load_model` (model construction, anything a loader "
         "does before `load_weights`, `load_weights`, and `process_weights_after_loading`, "
         "where kernel-format repacking happens).",
@@ -1016,8 +1028,9 @@ def render_md(report: dict[str, Any]) -> str:
         "5 ms); **RSS growth**: that peak minus the RSS just before loading (the process "
         "baseline, Python + torch + vLLM, is "
         + (f"{o['rss_before_mb']['median']:.0f} MiB" if o.get("rss_before_mb") else "n/a")
-        + "). Read floors: `ru_maxrss` with every tensor kept; growth over the RSS after "
-        "the streaming passes.",
+        + "). Read floors: `ru_maxrss` with every tensor kept, over the RSS after the "
+        "streaming passes; it also counts the file's mmap pages that `safe_open` maps "
+        "(file-backed, ≈ the file size), as RSS does for any mmap-based loader.",
         "- **decode**: `LLM.generate` of "
         f"{report['tokens']} new tokens per sequence (greedy, `ignore_eos`, 16-token prompts, "
         "no detokenization) after a warm-up request; tok/s = generated tokens / wall time. "
@@ -1056,44 +1069,51 @@ def render_png(report: dict[str, Any], path: Path) -> None:
     agg = report["aggregate"]
     colors = {"floor-nf4": "#999999", "floor-bf16": "#cccccc", "ours": "#1f77b4",
               "incumbent": "#ff7f0e", "native-bf16": "#2ca02c"}
-    fig, axes = plt.subplots(1, 4, figsize=(17, 4.8))
+    engines = [k for k in agg if not k.startswith("floor")]
+    fig, axes = plt.subplots(1, 4, figsize=(18, 5))
     panels = [
-        ("load_weights_s", "load_weights (s, lower is better)", list(agg)),
-        ("rss_peak_mb", "peak RSS while loading (MiB)", list(agg)),
-        ("decode_b1_tok_s", "decode batch 1 (tok/s, higher is better)",
-         [k for k in agg if not k.startswith("floor")]),
-        ("decode_b4_tok_s", "decode batch 4 (tok/s, higher is better)",
-         [k for k in agg if not k.startswith("floor")]),
+        # (title, names, [(key, bar style), ...]); a second key draws a hatched twin bar.
+        ("load time (s, lower is better)\nsolid: load_weights · hatched: whole load_model",
+         list(agg), [("load_weights_s", ""), ("load_model_s", "//")]),
+        ("peak RSS while loading (MiB)\ndashed: engine worker RSS before loading",
+         list(agg), [("rss_peak_mb", "")]),
+        ("decode batch 1 (tok/s, higher is better)", engines, [("decode_b1_tok_s", "")]),
+        ("decode batch 4 (tok/s, higher is better)", engines, [("decode_b4_tok_s", "")]),
     ]
-    for ax, (key, title, names) in zip(axes, panels, strict=True):
-        labels, med, lo, hi, cols = [], [], [], [], []
-        for nm in names:
-            s = agg[nm].get(key)
-            labels.append(nm)
-            cols.append(colors.get(nm, "#555555"))
-            if s:
-                med.append(s["median"])
-                lo.append(s["median"] - s["min"])
-                hi.append(s["max"] - s["median"])
-            else:
-                med.append(0.0)
-                lo.append(0.0)
-                hi.append(0.0)
-        x = range(len(labels))
-        ax.bar(x, med, color=cols, yerr=[lo, hi], capsize=4)
-        for xi, v, nm in zip(x, med, names, strict=True):
-            txt = f"{v:.2f}" if v < 100 else f"{v:.0f}"
-            if not agg[nm].get(key):
-                txt = "failed" if agg[nm]["errors"] else "n/a"
-            ax.text(xi, v, txt, ha="center", va="bottom", fontsize=8)
-        ax.set_xticks(list(x))
-        ax.set_xticklabels(labels, rotation=25, ha="right", fontsize=8)
+    for ax, (title, names, keys) in zip(axes, panels, strict=True):
+        width = 0.8 / len(keys)
+        for j, (key, hatch) in enumerate(keys):
+            for i, nm in enumerate(names):
+                s = agg[nm].get(key)
+                xpos = i + (j - (len(keys) - 1) / 2) * width
+                if not s:
+                    if j == 0:
+                        ax.text(xpos, 0, "failed" if agg[nm]["errors"] else "", ha="center",
+                                va="bottom", fontsize=8, color="red")
+                    continue
+                med = s["median"]
+                ax.bar(xpos, med, width=width * 0.95, color=colors.get(nm, "#555555"),
+                       hatch=hatch, alpha=0.55 if hatch else 1.0, edgecolor="black",
+                       linewidth=0.4,
+                       yerr=[[med - s["min"]], [s["max"] - med]], capsize=3)
+                txt = f"{med:.2f}" if med < 100 else f"{med:.0f}"
+                ax.annotate(txt, (xpos, med), xytext=(0, 2), textcoords="offset points",
+                            ha="left" if len(keys) > 1 else "right", va="bottom", fontsize=7)
+        if keys[0][0] == "rss_peak_mb":
+            base = [agg[nm]["rss_before_mb"]["median"] for nm in names
+                    if agg[nm].get("rss_before_mb")]
+            if base:
+                ax.axhline(statistics.median(base), color="black", linestyle="--",
+                           linewidth=0.8)
+        ax.set_xticks(range(len(names)))
+        ax.set_xticklabels(names, rotation=25, ha="right", fontsize=8)
         ax.set_title(title, fontsize=9)
     m, ck = report["machine"], report["checkpoint"]
     fig.suptitle(
-        f"{ck['spec']['name']} ({ck['params'] / 1e6:.0f} M params, nf4 "
-        f"{ck['nf4']['bytes'] / 1e6:.0f} MB) on {m['cpu']} ({m['cores']} cores); "
-        f"vLLM {m['vllm']}; median of {report['reps']}, bars min–max",
+        f"{ck['spec']['name']}: Gemma 4 text+vision, {ck['params'] / 1e6:.0f} M params, bf16 "
+        f"{ck['bf16']['bytes'] / 1e6:.0f} MB / nf4 {ck['nf4']['bytes'] / 1e6:.0f} MB; "
+        f"{m['cpu']}, {m['cores']} cores; vLLM {m['vllm']} CPU; "
+        f"median of {report['reps']} fresh engines, whiskers min–max",
         fontsize=10,
     )
     fig.tight_layout()
@@ -1114,10 +1134,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--only", nargs="*", choices=list(BY_NAME), help="subset of contenders")
     p.add_argument("--out", type=Path, default=RESULTS)
     p.add_argument("--build-only", action="store_true", help="only build the checkpoints")
+    p.add_argument("--render", type=Path, metavar="JSON",
+                   help="only re-render the markdown table and chart from a saved JSON")
     p.add_argument("--profile", nargs="*", default=["ours"], choices=list(BY_NAME),
                    help="contenders to profile with py-spy in one extra, unmeasured run "
                    "after the measured ones (default: ours; no names: none)")
     args = p.parse_args(argv)
+    if args.render:
+        report = json.loads(args.render.read_text())
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "latest.md").write_text(render_md(report))
+        render_png(report, args.out / "latest.png")
+        log(f"rendered {args.out}/latest.{{md,png}} from {args.render}")
+        return 0
     start = time.monotonic()
     spec = QUICK if args.quick else FULL
     CACHE.mkdir(parents=True, exist_ok=True)
@@ -1155,10 +1184,10 @@ def main(argv: list[str] | None = None) -> int:
     wall_min = (time.monotonic() - start) / 60
     report = {
         "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
-        "command": "python scripts/bench.py " + " ".join(argv if argv is not None
-                                                         else sys.argv[1:]),
+        "command": " ".join([".venv/bin/python scripts/bench.py",
+                             *(argv if argv is not None else sys.argv[1:])]),
         "reps": args.reps, "tokens": args.tokens, "wall_min": wall_min,
-        "machine": machine(), "incumbent_version": incumbent_version,
+        "machine": machine(), "incumbent_version": incumbent_version, "ours": ours_revision(),
         "checkpoint": {**info, "spec": spec.__dict__},
         "aggregate": aggregate(runs), "runs": runs, "notes": [],
         "same_tokens": len(firsts) <= 1, "profiles": profiles,

@@ -8,15 +8,19 @@ image must give different first-token distributions, each matching its own refer
 
 from __future__ import annotations
 
+import json
+
 import pytest
 from engines import openai_server
 from openai import OpenAI
-from parity import assert_matches, first_token_distribution, load_reference
+from parity import assert_matches, distance_to, first_token_distribution, load_reference
 
 # Served in bf16 against HF's bf16 run of the same checkpoint: summation order and
-# bf16 rounding differ between the two stacks (measured up to ~0.16 on these models,
-# against errors of 1.3-5 when the image features or the tower weights are wrong).
+# bf16 rounding differ between the two stacks (measured up to 0.2 on text positions,
+# up to 0.46 on image placeholder positions; wrong image features or re-quantized
+# tower weights give errors of 1.3-5).
 TOL = 0.25
+SOFT_TOL = 0.6
 
 VARIANTS = [
     "gemma4-nf4-dq",  # everything quantized: vision tower, embed_vision, LM, PLE
@@ -70,6 +74,11 @@ def _id_of_actual(entry: dict) -> tuple[int, float]:
     return int(token), info["logprob"]
 
 
+def _placeholder_ids(ckpt) -> frozenset[int]:
+    config = json.loads((ckpt / "config.json").read_text())
+    return frozenset(config[k] for k in ("image_token_id", "audio_token_id") if k in config)
+
+
 def _cases(ckpt, kinds):
     ref = load_reference(ckpt)
     return ref, [c for c in ref["cases"] if c["kind"] in kinds]
@@ -85,26 +94,32 @@ def test_answers_match_hf_reference(served, kinds):
         expected = ref["references"]["bfloat16"][case["name"]]
         got = ask(client, ckpt, case["messages"])
         assert got["prompt_token_ids"] == expected["prompt_token_ids"][1:]
-        assert_matches(got, expected, TOL, f"{variant}/{case['name']}")
+        assert_matches(
+            got, expected, TOL, f"{variant}/{case['name']}",
+            soft_token_ids=_placeholder_ids(ckpt), soft_tol=SOFT_TOL,
+        )
 
 
 def test_red_and_blue_images_give_different_answers(served):
     """The bug this guards: image features destroyed on the way into the LM (uint8
-    casts, a re-quantized bf16 tower) make both colours answer alike."""
+    casts, a re-quantized bf16 tower) make both colours answer alike. Each colour's
+    first-token distribution must be near its own reference and far from the other's."""
     variant, ckpt, client, _ = served
     ref, cases = _cases(ckpt, ("image",))
     by_name = {c["name"]: c for c in cases}
-    red = first_token_distribution(ask(client, ckpt, by_name["image-red"]["messages"]))
-    blue = first_token_distribution(ask(client, ckpt, by_name["image-blue"]["messages"]))
-    hf = ref["references"]["bfloat16"]
-    hf_red = {int(t): lp for t, lp in hf["image-red"]["next_top_logprobs"]}
-    hf_blue = {int(t): lp for t, lp in hf["image-blue"]["next_top_logprobs"]}
-    shared = set(red) & set(blue) & set(hf_red) & set(hf_blue)
-    assert shared, f"{variant}: no token in all four top-10 lists"
-    token = max(shared, key=lambda t: abs(hf_red[t] - hf_blue[t]))
-    hf_gap = hf_red[token] - hf_blue[token]
-    our_gap = red[token] - blue[token]
-    assert abs(hf_gap) > 0.5, f"{variant}: the reference itself barely tells colours apart"
-    assert abs(our_gap - hf_gap) <= 2 * TOL, (
-        f"{variant}: red-blue gap on token {token} is {our_gap:.3f}, HF {hf_gap:.3f}"
-    )
+    ours = {
+        colour: first_token_distribution(ask(client, ckpt, by_name[f"image-{colour}"]["messages"]))
+        for colour in ("red", "blue")
+    }
+    hf = {
+        colour: {int(t): lp for t, lp in ref["references"]["bfloat16"][f"image-{colour}"][
+            "next_top_logprobs"]}
+        for colour in ("red", "blue")
+    }
+    assert distance_to(hf["red"], hf["blue"]) > 0.5, f"{variant}: reference colours alike"
+    for colour, other in (("red", "blue"), ("blue", "red")):
+        own, cross = distance_to(ours[colour], hf[colour]), distance_to(ours[colour], hf[other])
+        assert own <= TOL, f"{variant}: {colour} is {own:.3f} from its HF reference"
+        assert cross > 2 * own and cross > 0.5, (
+            f"{variant}: {colour} is as close to HF {other} ({cross:.3f}) as to HF {colour}"
+        )
