@@ -126,6 +126,10 @@ VARIANTS: dict[str, Variant] = {
         Variant("llama-nf4-dq", "llama", NF4_DQ, ("text",), "nf4 + double quant"),
         Variant("llama-fp4", "llama", FP4, ("text",), "fp4, no double quant"),
         Variant("llama-int8", "llama", INT8, ("text",), "LLM.int8"),
+        # Hidden 128 / 4 heads / 2 KV heads: tensor-parallel tests at TP=2.
+        Variant("llama-wide-nf4-dq", "llama-wide", NF4_DQ, ("text",), "nf4 + dq, TP-sized"),
+        Variant("llama-wide-fp4", "llama-wide", FP4, ("text",), "fp4, TP-sized"),
+        Variant("llama-wide-int8", "llama-wide", INT8, ("text",), "LLM.int8, TP-sized"),
         Variant("gemma4-bf16", "gemma4", description="unquantized"),
         Variant(
             "gemma4-nf4-dq",
@@ -307,14 +311,14 @@ def llama_tokenizer() -> LlamaTokenizer:
 VISION_SOFT_TOKENS = 70  # vLLM: vision_config.default_output_length == processor max_soft_tokens
 
 
-def llama_config(tokenizer: LlamaTokenizer) -> LlamaConfig:
+def llama_config(tokenizer: LlamaTokenizer, wide: bool = False) -> LlamaConfig:
     return LlamaConfig(
         vocab_size=VOCAB_SIZE,
-        hidden_size=64,
-        intermediate_size=128,
+        hidden_size=128 if wide else 64,
+        intermediate_size=256 if wide else 128,
         num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=1,
+        num_attention_heads=4 if wide else 2,
+        num_key_value_heads=2 if wide else 1,
         head_dim=32,
         max_position_embeddings=1024,
         tie_word_embeddings=False,
@@ -490,6 +494,7 @@ class Base:
     tied: bool = True
     k_eq_v: bool = False
     audio: bool = False
+    wide: bool = False  # llama: sizes whose TP=2 cuts align with 64-element quant blocks
 
 
 GEMMA4_NORM_GAINS = (
@@ -514,6 +519,12 @@ BASES: dict[str, Base] = {
         InitScales(seed=1001, embed_std=1.0, norm_gains=(("model.norm", 2.0),)),
         tied=False,
     ),
+    "llama-wide": Base(
+        "llama",
+        InitScales(seed=1002, embed_std=1.0, norm_gains=(("model.norm", 2.0),)),
+        tied=False,
+        wide=True,
+    ),
     "gemma4": Base("gemma4", _gemma4_scales(2001)),
     "gemma4-untied": Base("gemma4", _gemma4_scales(2002), tied=False),
     "gemma4-keqv": Base("gemma4", _gemma4_scales(2003), k_eq_v=True),
@@ -526,7 +537,7 @@ def save_base(base: Base, out: Path) -> None:
     torch.manual_seed(base.scales.seed)
     if base.family == "llama":
         tokenizer = llama_tokenizer()
-        model = LlamaForCausalLM(llama_config(tokenizer))
+        model = LlamaForCausalLM(llama_config(tokenizer, base.wide))
         saver: Any = tokenizer
         eos = [tokenizer.eos_token_id]
     else:
