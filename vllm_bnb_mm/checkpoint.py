@@ -33,6 +33,10 @@ FOURBIT_STATE_SUFFIXES = (
 EIGHTBIT_STATE_SUFFIXES = ("SCB", "weight_format")
 MAX_HEADER_BYTES = 100 * 1024 * 1024
 MAX_QUANT_STATE_JSON_BYTES = 64 * 1024
+QUANT_STATE_JSON_PREFIX = "quant_state.bitsandbytes__"
+FOURBIT_QUANT_TYPES = ("nf4", "fp4")
+RESAVE_HINT = "Re-save the checkpoint with transformers + bitsandbytes (save_pretrained)."
+REDOWNLOAD_HINT = "Re-download or re-save the file."
 
 _SAFETENSORS_DTYPES = {
     "BOOL": torch.bool,
@@ -113,8 +117,12 @@ def read_safetensors_header(path: str) -> dict[str, TensorInfo]:
             )
         try:
             header = json.loads(f.read(header_len))
-        except json.JSONDecodeError as e:
-            raise CheckpointError(f"{path}: safetensors header is not valid JSON: {e}") from e
+        except (ValueError, RecursionError) as e:  # bad UTF-8 and bad JSON alike
+            raise CheckpointError(
+                f"{path}: safetensors header is not valid JSON: {e}. {REDOWNLOAD_HINT}"
+            ) from e
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path}: safetensors header is not a JSON object. {REDOWNLOAD_HINT}")
     data_start = 8 + header_len
     infos: dict[str, TensorInfo] = {}
     for name, meta in header.items():
@@ -126,24 +134,39 @@ def read_safetensors_header(path: str) -> dict[str, TensorInfo]:
 
 def _tensor_info(path: str, name: str, meta: dict, data_start: int, size: int) -> TensorInfo:
     try:
-        dtype = _SAFETENSORS_DTYPES[meta["dtype"]]
+        dtype_name = meta["dtype"]
         shape = tuple(int(d) for d in meta["shape"])
         begin, end = (int(o) for o in meta["data_offsets"])
     except (KeyError, TypeError, ValueError) as e:
-        raise CheckpointError(f"{path}: tensor {name!r} has a malformed header entry {meta}") from e
+        raise CheckpointError(
+            f"{path}: tensor {name!r} has a malformed header entry {str(meta)[:200]}. "
+            f"{REDOWNLOAD_HINT}"
+        ) from e
+    dtype = _SAFETENSORS_DTYPES.get(dtype_name) if isinstance(dtype_name, str) else None
+    if dtype is None:
+        raise CheckpointError(
+            f"{path}: tensor {name!r} has unsupported dtype {dtype_name!r}; known: "
+            f"{sorted(_SAFETENSORS_DTYPES)}"
+        )
+    if any(d < 0 for d in shape) or begin < 0:
+        raise CheckpointError(
+            f"{path}: tensor {name!r} has a negative shape or offset in its header entry "
+            f"{str(meta)[:200]}. {REDOWNLOAD_HINT}"
+        )
     numel = 1
     for d in shape:
         numel *= d
     expected = numel * dtype.itemsize
     if end - begin != expected:
         raise CheckpointError(
-            f"{path}: tensor {name!r} header says {meta['dtype']}{list(shape)} "
-            f"({expected} bytes) but its data span is {end - begin} bytes"
+            f"{path}: tensor {name!r} header says {dtype_name}{list(shape)} "
+            f"({expected} bytes) but its data span is {end - begin} bytes: the header is "
+            f"corrupt. {REDOWNLOAD_HINT}"
         )
     if data_start + end > size:
         raise CheckpointError(
             f"{path}: tensor {name!r} ends at byte {data_start + end}, past the end of the "
-            f"file ({size} bytes): the file is truncated"
+            f"file ({size} bytes): the file is truncated. {REDOWNLOAD_HINT}"
         )
     return TensorInfo(name, path, dtype, shape, data_start + begin, data_start + end)
 
@@ -164,6 +187,7 @@ def scan_checkpoint(files: list[str]) -> CheckpointLayout:
 def _group_quantized(tensors: dict[str, TensorInfo]) -> dict[str, QuantizedWeight]:
     quantized: dict[str, QuantizedWeight] = {}
     for name in tensors:
+        _check_quant_type_key(name, tensors[name].file)
         for suffix in FOURBIT_STATE_SUFFIXES:
             if name.endswith(".weight." + suffix):
                 weight = name[: -len(suffix) - 1]
@@ -184,6 +208,21 @@ def _group_quantized(tensors: dict[str, TensorInfo]) -> dict[str, QuantizedWeigh
     return quantized
 
 
+def _check_quant_type_key(name: str, file: str) -> None:
+    # A state JSON for an unknown type would otherwise not be grouped at all, and the
+    # weight would be reported as "missing" its JSON when the JSON is right there.
+    marker = ".weight." + QUANT_STATE_JSON_PREFIX
+    if marker not in name:
+        return
+    quant_type = name.rsplit("__", 1)[1]
+    if quant_type not in FOURBIT_QUANT_TYPES:
+        raise CheckpointError(
+            f"{file}: quant-state tensor {name!r} is for quant_type {quant_type!r}; "
+            f"bitsandbytes 4-bit supports {FOURBIT_QUANT_TYPES}. The checkpoint was not "
+            f"written by bitsandbytes or is corrupt. {RESAVE_HINT}"
+        )
+
+
 def _check_group(weight: str, q: QuantizedWeight, tensors: dict[str, TensorInfo]) -> None:
     some_file = tensors[next(iter(q.state_tensors.values()))].file
     if weight not in tensors:
@@ -200,7 +239,8 @@ def _check_group(weight: str, q: QuantizedWeight, tensors: dict[str, TensorInfo]
             missing.append(f"{weight}.quant_state.bitsandbytes__nf4|fp4")
         if len(json_keys) > 1:
             raise CheckpointError(
-                f"{info.file}: {weight!r} has both nf4 and fp4 quant-state JSON tensors"
+                f"{info.file}: {weight!r} has both nf4 and fp4 quant-state JSON tensors. "
+                f"{RESAVE_HINT}"
             )
         if ("nested_absmax" in q.state_tensors) != ("nested_quant_map" in q.state_tensors):
             missing.append(f"{weight}.nested_absmax / nested_quant_map (double quant pair)")
@@ -208,22 +248,24 @@ def _check_group(weight: str, q: QuantizedWeight, tensors: dict[str, TensorInfo]
             raise CheckpointError(
                 f"{info.file}: 4-bit weight {weight!r} is missing quant-state tensor(s): "
                 + ", ".join(missing)
-                + ". Re-save the checkpoint with transformers + bitsandbytes."
+                + f". {RESAVE_HINT}"
             )
         if info.dtype != torch.uint8:
             raise CheckpointError(
                 f"{info.file}: 4-bit weight {weight!r} is stored as {info.dtype}; only uint8 "
-                "quant storage is supported (bnb_4bit_quant_storage='uint8')"
+                "quant storage is supported: re-quantize with bnb_4bit_quant_storage='uint8' "
+                "(the default) and save again"
             )
     else:
         if "SCB" not in q.state_tensors:
             raise CheckpointError(
                 f"{info.file}: 8-bit weight {weight!r} is missing its row scales "
-                f"{weight.removesuffix('.weight')}.SCB"
+                f"{weight.removesuffix('.weight')}.SCB. {RESAVE_HINT}"
             )
         if info.dtype != torch.int8:
             raise CheckpointError(
-                f"{info.file}: 8-bit weight {weight!r} is stored as {info.dtype}, expected int8"
+                f"{info.file}: 8-bit weight {weight!r} is stored as {info.dtype}, expected "
+                f"int8. {RESAVE_HINT}"
             )
 
 

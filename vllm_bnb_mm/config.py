@@ -51,6 +51,9 @@ class BnbConfig(QuantizationConfig):
         self.pre_quantized = pre_quantized
         # vLLM module name -> kind, from the checkpoint's tensors (set by the loader).
         self.module_kinds: dict[str, ModuleKind] | None = None
+        # What config.json itself says (None: neither load_in_4bit nor load_in_8bit is
+        # there); the loader holds it against the tensors before building the model.
+        self.declared_kind: ModuleKind | None = self.kind
 
     def __repr__(self) -> str:
         bits = "8bit" if self.load_in_8bit else f"4bit-{self.quant_type}"
@@ -79,12 +82,22 @@ class BnbConfig(QuantizationConfig):
             "llm_int8_skip_modules",
         }
         kwargs = {k: config[k] for k in known if config.get(k) is not None}
+        for flag in ("load_in_4bit", "load_in_8bit"):
+            # transformers writes both `load_in_4bit` and the private `_load_in_4bit`.
+            if flag not in kwargs and config.get("_" + flag) is not None:
+                kwargs[flag] = config["_" + flag]
         if not kwargs.get("load_in_8bit") and not kwargs.get("load_in_4bit", True):
             raise ValueError(
-                "quantization_config has quant_method 'bitsandbytes' but neither "
-                "load_in_4bit nor load_in_8bit is true"
+                "config.json quantization_config has quant_method 'bitsandbytes' but "
+                "load_in_4bit and load_in_8bit are both false: set the one matching the "
+                "checkpoint's tensors to true (4-bit: `.absmax`/`.quant_map` tensors; "
+                "8-bit: `.SCB` tensors)"
             )
-        return cls(**kwargs, pre_quantized=config.get("quant_method") == "bitsandbytes")
+        pre_quantized = config.get("quant_method") == "bitsandbytes"
+        result = cls(**kwargs, pre_quantized=pre_quantized)
+        if pre_quantized and not (kwargs.get("load_in_4bit") or kwargs.get("load_in_8bit")):
+            result.declared_kind = None  # defaulted, not declared: the loader reports it
+        return result
 
     @property
     def kind(self) -> ModuleKind:

@@ -10,9 +10,11 @@ Every checkpoint tensor goes to the parameter the model's own `load_weights` pic
 from __future__ import annotations
 
 import glob
+import hashlib
 import json
 import os
 from collections.abc import Iterator
+from typing import NoReturn
 
 import torch
 from torch import nn
@@ -68,9 +70,16 @@ class BnbModelLoader(BaseModelLoader):
         restore = route_weight_loaders(model)
         try:
             loaded = model.load_weights(checkpoint_weights(layout, states, reader))
+        except CheckpointError:
+            raise
+        except (ValueError, KeyError, AssertionError, IndexError, TypeError, RuntimeError) as e:
+            if isinstance(e, torch.OutOfMemoryError):
+                raise
+            raise_with_last_tensor(e, layout, model)
         finally:
             restore()
         check_all_params_loaded(model, loaded)
+        check_packed_tensors_loaded(layout, model)
         log_load_summary(layout, model)
         PACKED.reset()
 
@@ -86,7 +95,7 @@ class BnbModelLoader(BaseModelLoader):
             folder = download_weights_from_hf(
                 model_config.model,
                 self.load_config.download_dir,
-                ["*.safetensors", "*.json"],
+                ["*.safetensors", "*.json"] + (["*.bin", "*.pt"] if pickle_allowed() else []),
                 model_config.revision,
                 ignore_patterns=self.load_config.ignore_patterns,
             )
@@ -111,6 +120,14 @@ class BnbModelLoader(BaseModelLoader):
             )
         if isinstance(quant_config, BnbConfig) and quant_config.pre_quantized:
             kinds = {q.kind for q in layout.quantized.values()}
+            if kinds and quant_config.declared_kind is None:
+                first = next(iter(layout.quantized.values()))
+                flag = "load_in_8bit" if first.kind == "8bit" else "load_in_4bit"
+                raise CheckpointError(
+                    f"{layout.tensors[first.weight].file}: quantization_config in config.json "
+                    f"sets neither load_in_4bit nor load_in_8bit to true, and {first.weight!r} "
+                    f"is {first.kind}: add \"{flag}\": true to quantization_config"
+                )
             if kinds and quant_config.kind not in kinds:
                 first = next(iter(layout.quantized.values()))
                 raise CheckpointError(
@@ -125,6 +142,15 @@ class BnbModelLoader(BaseModelLoader):
                 )
 
 
+ALLOW_PICKLE_ENV = "VLLM_BNB_ALLOW_PICKLE"
+# Pickles that sit beside weights in training output folders and are not weights.
+_NOT_WEIGHTS = {"training_args.bin", "optimizer.pt", "scheduler.pt"}
+
+
+def pickle_allowed() -> bool:
+    return os.environ.get(ALLOW_PICKLE_ENV, "") == "1"
+
+
 def safetensors_files(folder: str) -> list[str]:
     files = sorted(glob.glob(os.path.join(folder, "*.safetensors")))
     index = os.path.join(folder, "model.safetensors.index.json")
@@ -132,20 +158,78 @@ def safetensors_files(folder: str) -> list[str]:
         with open(index) as f:
             listed = set(json.load(f).get("weight_map", {}).values())
         files = [p for p in files if os.path.basename(p) in listed]
-    if not files:
-        pickles = glob.glob(os.path.join(folder, "*.bin")) + glob.glob(
-            os.path.join(folder, "*.pt")
+    if files:
+        return files
+    pickles = pickle_files(folder)
+    if not pickles:
+        raise CheckpointError(f"{folder}: no *.safetensors weights found")
+    if not pickle_allowed():
+        raise CheckpointError(
+            f"{folder}: no *.safetensors weights, only pickle checkpoint(s) "
+            + ", ".join(pickles)
+            + ". Unpickling can run arbitrary code, so they are refused: convert them to "
+            f"safetensors, or, if you trust their source, set {ALLOW_PICKLE_ENV}=1 to load "
+            "them with torch.load(weights_only=True)."
         )
-        hint = (
-            " Found pickle checkpoint(s) "
-            + ", ".join(os.path.basename(p) for p in pickles)
-            + ": these can run arbitrary code when loaded and are not supported; convert "
-            "them to safetensors."
-            if pickles
-            else ""
-        )
-        raise CheckpointError(f"{folder}: no *.safetensors weights found.{hint}")
-    return files
+    logger.warning(
+        "%s=1: loading pickle checkpoint(s) %s with torch.load(weights_only=True)",
+        ALLOW_PICKLE_ENV, ", ".join(pickles),
+    )
+    return [pickle_as_safetensors(p) for p in pickles]
+
+
+def pickle_files(folder: str) -> list[str]:
+    index = os.path.join(folder, "pytorch_model.bin.index.json")
+    if os.path.exists(index):
+        with open(index) as f:
+            listed = set(json.load(f).get("weight_map", {}).values())
+        return sorted(os.path.join(folder, name) for name in listed)
+    found = glob.glob(os.path.join(folder, "*.bin")) + glob.glob(os.path.join(folder, "*.pt"))
+    return sorted(p for p in found if os.path.basename(p) not in _NOT_WEIGHTS)
+
+
+def pickle_as_safetensors(path: str) -> str:
+    """A safetensors copy of a pickle checkpoint (opt-in only), cached by path, size and
+    mtime: the header scan, quant-state grouping and byte-exact reads then work on one
+    format. weights_only=True refuses any pickled object that is not plain tensor data."""
+    from safetensors.torch import save_file
+    from vllm import envs
+
+    stat = os.stat(path)
+    key = f"{os.path.abspath(path)}:{stat.st_size}:{stat.st_mtime_ns}"
+    digest = hashlib.sha256(key.encode()).hexdigest()[:16]
+    out_dir = os.path.join(envs.VLLM_CACHE_ROOT, "vllm_bnb_mm", "from_pickle", digest)
+    out = os.path.join(out_dir, os.path.basename(path) + ".safetensors")
+    if os.path.exists(out):
+        return out
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # UnpicklingError for forbidden globals, zip/EOF errors, ...
+        raise CheckpointError(
+            f"{path}: torch.load(weights_only=True) failed ({type(e).__name__}: "
+            f"{str(e)[:300]}); the file is corrupt or holds more than tensors"
+        ) from e
+    if not isinstance(state, dict) or not all(
+        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()
+    ):
+        raise CheckpointError(f"{path}: not a state dict of name -> tensor")
+    os.makedirs(out_dir, exist_ok=True)
+    tmp = f"{out}.tmp{os.getpid()}"
+    save_file(_unshared(state), tmp)
+    os.replace(tmp, out)  # atomic: a concurrent loader sees all of it or nothing
+    return out
+
+
+def _unshared(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    # safetensors refuses tensors that share storage (tied weights, views).
+    seen: set[int] = set()
+    out = {}
+    for name, tensor in state.items():
+        tensor = tensor.detach().contiguous()
+        ptr = tensor.untyped_storage().data_ptr()
+        out[name] = tensor.clone() if ptr in seen else tensor
+        seen.add(ptr)
+    return out
 
 
 # ------------------------------------------------------------ layout
@@ -184,7 +268,27 @@ def parse_quant_states(layout: CheckpointLayout, reader: FileReader) -> dict:
             states[name] = qs.parse_4bit_state(q, layout.tensors, reader)
         else:
             states[name] = qs.parse_8bit_state(q, layout.tensors, reader)
+    warn_narrowed_absmax(layout)
     return states
+
+
+def warn_narrowed_absmax(layout: CheckpointLayout) -> None:
+    """bitsandbytes writes absmax in float32; a float16/bfloat16 one was cast after
+    quantizing. It loads (the upcast is exact, overflow is refused by the parser), but
+    the block scales lost precision, so say so instead of staying silent."""
+    narrowed = [
+        q.state_tensors["absmax"] for q in layout.quantized.values()
+        if q.kind == "4bit" and "nested_absmax" not in q.state_tensors
+        and layout.tensors[q.state_tensors["absmax"]].dtype in (torch.float16, torch.bfloat16)
+    ]
+    if narrowed:
+        logger.warning(
+            "BnB: %d absmax tensor(s) are stored as %s instead of bitsandbytes' float32 "
+            "(e.g. %s in %s); loading them upcast, exactly as stored. Outputs can differ "
+            "slightly from the original float32 checkpoint.",
+            len(narrowed), layout.tensors[narrowed[0]].dtype, narrowed[0],
+            layout.tensors[narrowed[0]].file,
+        )
 
 
 def checkpoint_weights(
@@ -278,6 +382,56 @@ def check_all_params_loaded(model: nn.Module, loaded: set[str] | None) -> None:
             f"{len(missing)} model parameter(s) were not initialized from the checkpoint: "
             + ", ".join(missing[:10])
             + (" …" if len(missing) > 10 else "")
+        )
+
+
+def raise_with_last_tensor(
+    error: Exception, layout: CheckpointLayout, model: nn.Module
+) -> NoReturn:
+    """Re-raise a model's own load_weights error naming the checkpoint tensor and file
+    it was reading: "no module named 'layers.0.mlp.extra_proj'" alone names neither."""
+    last = next(reversed(PACKED.record.yielded), None)
+    where = (
+        f"{layout.tensors[last].file}: while loading checkpoint tensor {last!r}"
+        if last is not None
+        else "before the first checkpoint tensor"
+    )
+    raise CheckpointError(
+        f"{where}, {type(model).__name__}.load_weights failed: {type(error).__name__}: "
+        f"{error}. Is the checkpoint for this architecture and config.json?"
+    ) from error
+
+
+def check_packed_tensors_loaded(layout: CheckpointLayout, model: nn.Module) -> None:
+    """Every packed tensor must reach a weight loader, unless the model deliberately left
+    its module out (a tower disabled by --limit-mm-per-prompt, another pipeline stage)
+    or its mapper drops it: quantized weights are never dropped silently."""
+    from vllm.model_executor.models.utils import PPMissingLayer, StageMissingLayer
+
+    record = PACKED.record
+    unseen = [
+        n for n in layout.quantized
+        if n in record.yielded and record.yielded[n] not in record.seen
+    ]
+    if not unseen:
+        return
+    mapper = getattr(type(model), "hf_to_vllm_mapper", None)
+    skipped = [
+        name + "." for name, module in model.named_modules()
+        if isinstance(module, (StageMissingLayer, PPMissingLayer))
+    ]
+    dropped = []
+    for name in unseen:
+        mapped = mapper.apply_list([name]) if mapper is not None else [name]
+        if mapped and not any(mapped[0].startswith(prefix) for prefix in skipped):
+            dropped.append(name)
+    if dropped:
+        raise CheckpointError(
+            f"{layout.tensors[dropped[0]].file}: {len(dropped)} packed bitsandbytes "
+            f"weight(s) reached no weight loader of {type(model).__name__} (e.g. "
+            + ", ".join(repr(n) for n in dropped[:5])
+            + "): the model has no module for them, so they would be dropped silently. "
+            "Is the checkpoint for this architecture and config.json?"
         )
 
 

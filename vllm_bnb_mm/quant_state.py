@@ -17,6 +17,7 @@ from bitsandbytes.functional import QuantState
 
 from .checkpoint import (
     MAX_QUANT_STATE_JSON_BYTES,
+    RESAVE_HINT,
     CheckpointError,
     FileReader,
     QuantizedWeight,
@@ -25,6 +26,8 @@ from .checkpoint import (
 
 VALID_BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
 _JSON_KEYS = {"quant_type", "blocksize", "dtype", "shape"}
+# bitsandbytes' compute dtypes; the JSON's "dtype" is what the weight dequantizes to.
+_COMPUTE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
 @dataclass
@@ -49,31 +52,66 @@ def parse_4bit_state(
     if meta.get("quant_type") != quant_type:
         raise CheckpointError(
             f"{info.file}: {q.state_tensors[json_key]!r} says quant_type "
-            f"{meta.get('quant_type')!r} but its key says {quant_type!r}"
+            f"{_short(meta.get('quant_type'))} but its key says {quant_type!r}. {RESAVE_HINT}"
         )
     shape, blocksize = _check_4bit_meta(q, meta, info, tensors)
+    dtype = _torch_dtype(meta["dtype"], q, info)
     absmax = _float_state(q, "absmax", tensors, reader)
     code = _float_state(q, "quant_map", tensors, reader)
     if code.numel() != 16:
         raise CheckpointError(
             f"{info.file}: {q.state_tensors['quant_map']!r} has {code.numel()} entries, "
-            "a 4-bit quant_map has 16"
+            f"a 4-bit quant_map has 16. {RESAVE_HINT}"
         )
     if "nested_absmax" in q.state_tensors:
         absmax = _flatten_nested_absmax(q, meta, absmax, tensors, reader)
-    n_blocks = math.ceil(math.prod(shape) / blocksize)
+    n_blocks = _ceil_div(math.prod(shape), blocksize)
     if absmax.numel() != n_blocks:
         raise CheckpointError(
-            f"{info.file}: {q.weight!r} has {absmax.numel()} absmax values but shape "
-            f"{list(shape)} with blocksize {blocksize} needs {n_blocks}"
+            f"{info.file}: {q.weight!r} has {absmax.numel()} absmax values but its "
+            f"quant-state JSON says shape {list(shape)} with blocksize {blocksize}, which "
+            f"needs {n_blocks}: the JSON's blocksize or shape does not match the data. "
+            f"{RESAVE_HINT}"
         )
+    _check_finite_absmax(q, absmax, tensors)
     return QuantState(
         absmax=absmax.float().reshape(-1),
         shape=torch.Size(shape),
         code=code.float(),
         blocksize=blocksize,
         quant_type=quant_type,
-        dtype=_torch_dtype(meta.get("dtype", "bfloat16"), q, info),
+        dtype=dtype,
+    )
+
+
+def _ceil_div(n: int, d: int) -> int:
+    # Integer arithmetic: JSON ints are unbounded and float division overflows.
+    return -(-n // d)
+
+
+def _check_finite_absmax(
+    q: QuantizedWeight, absmax: torch.Tensor, tensors: dict[str, TensorInfo]
+) -> None:
+    """Block scales must be finite and non-negative (they are max |w| per block).
+
+    This is also the line drawn for narrowed absmax (fp16/bf16 where bitsandbytes writes
+    fp32): upcasting is exact, so such a checkpoint loads with the values it stores
+    (relative error <= 2^-11 for fp16, far below the 4-bit error), unless narrowing
+    overflowed to inf, which no upcast can undo."""
+    bad = ~torch.isfinite(absmax) | (absmax < 0)
+    if not bool(bad.any()):
+        return
+    stored = tensors[q.state_tensors["absmax"]]
+    first = int(bad.reshape(-1).nonzero()[0, 0])
+    hint = (
+        "it was narrowed from bitsandbytes' float32 and overflowed: keep absmax float32"
+        if stored.dtype in (torch.float16, torch.bfloat16)
+        else "the data is corrupt"
+    )
+    raise CheckpointError(
+        f"{stored.file}: {stored.name!r} ({stored.dtype}) has {int(bad.sum())} non-finite or "
+        f"negative block scale(s) (block {first} = {float(absmax.reshape(-1)[first])}), so "
+        f"{q.weight!r} cannot be dequantized; {hint}. {RESAVE_HINT}"
     )
 
 
@@ -91,7 +129,14 @@ def parse_8bit_state(
             f"{scb_info.file}: {scb_info.name!r} is {scb_info.dtype}{list(scb_info.shape)}, "
             f"expected float [{info.shape[0]}] (one scale per row of {q.weight!r})"
         )
-    return Int8State(scb=reader.tensor(scb_info).float().clone())
+    scb = reader.tensor(scb_info).float().clone()
+    bad = ~torch.isfinite(scb) | (scb < 0)
+    if bool(bad.any()):
+        raise CheckpointError(
+            f"{scb_info.file}: {scb_info.name!r} has {int(bad.sum())} non-finite or negative "
+            f"row scale(s), so {q.weight!r} cannot be dequantized. {RESAVE_HINT}"
+        )
+    return Int8State(scb=scb)
 
 
 def _read_state_json(name: str, tensors: dict[str, TensorInfo], reader: FileReader) -> dict:
@@ -99,19 +144,30 @@ def _read_state_json(name: str, tensors: dict[str, TensorInfo], reader: FileRead
     if info.end - info.start > MAX_QUANT_STATE_JSON_BYTES:
         raise CheckpointError(
             f"{info.file}: quant-state JSON {name!r} is {info.end - info.start} bytes, "
-            f"more than the {MAX_QUANT_STATE_JSON_BYTES} allowed"
+            f"more than the {MAX_QUANT_STATE_JSON_BYTES} allowed (bitsandbytes writes a few "
+            f"hundred): refusing to parse it. {RESAVE_HINT}"
         )
-    raw = bytes(reader.tensor(info).reshape(-1).view(torch.uint8).numpy())
+    if info.dtype != torch.uint8:
+        raise CheckpointError(
+            f"{info.file}: quant-state JSON {name!r} is stored as {info.dtype}, expected "
+            f"uint8 bytes. {RESAVE_HINT}"
+        )
+    raw = bytes(reader.tensor(info).reshape(-1).numpy())
     try:
         meta = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{info.file}: quant-state {name!r} is not valid JSON: {e}") from e
+    except (ValueError, RecursionError) as e:  # bad UTF-8, bad JSON, absurd nesting
+        raise CheckpointError(
+            f"{info.file}: quant-state {name!r} is not valid JSON ({type(e).__name__}: "
+            f"{str(e)[:200]}). {RESAVE_HINT}"
+        ) from e
     if not isinstance(meta, dict):
-        raise CheckpointError(f"{info.file}: quant-state {name!r} is not a JSON object")
+        raise CheckpointError(
+            f"{info.file}: quant-state {name!r} is not a JSON object. {RESAVE_HINT}"
+        )
     missing = _JSON_KEYS - meta.keys()
     if missing:
         raise CheckpointError(
-            f"{info.file}: quant-state {name!r} lacks field(s) {sorted(missing)}"
+            f"{info.file}: quant-state {name!r} lacks field(s) {sorted(missing)}. {RESAVE_HINT}"
         )
     return meta
 
@@ -120,21 +176,39 @@ def _check_4bit_meta(
     q: QuantizedWeight, meta: dict, info: TensorInfo, tensors: dict[str, TensorInfo]
 ) -> tuple[tuple[int, ...], int]:
     blocksize = meta["blocksize"]
-    if not isinstance(blocksize, int) or blocksize not in VALID_BLOCKSIZES:
+    if not _is_int(blocksize) or blocksize not in VALID_BLOCKSIZES:
         raise CheckpointError(
-            f"{info.file}: {q.weight!r} has blocksize {blocksize!r}; bitsandbytes supports "
-            f"{VALID_BLOCKSIZES}"
+            f"{info.file}: {q.weight!r} has blocksize {_short(blocksize)} in its quant-state "
+            f"JSON; bitsandbytes supports {VALID_BLOCKSIZES}. {RESAVE_HINT}"
         )
     shape = meta["shape"]
-    if not (isinstance(shape, list) and shape and all(isinstance(d, int) and d > 0 for d in shape)):
-        raise CheckpointError(f"{info.file}: {q.weight!r} has an invalid shape {shape!r}")
+    if not (isinstance(shape, list) and shape and all(_is_int(d) and d > 0 for d in shape)):
+        raise CheckpointError(
+            f"{info.file}: {q.weight!r} has an invalid shape {_short(shape)} in its "
+            f"quant-state JSON. {RESAVE_HINT}"
+        )
     packed = math.prod(info.shape)
-    if packed != math.ceil(math.prod(shape) / 2):
+    needed = _ceil_div(math.prod(shape), 2)
+    if packed != needed:
         raise CheckpointError(
             f"{info.file}: packed weight {q.weight!r} holds {packed} bytes but its quant "
-            f"state shape {shape} needs {math.ceil(math.prod(shape) / 2)}"
+            f"state shape {_short(shape)} needs {_short(needed)}: the JSON shape does not "
+            f"match the data. {RESAVE_HINT}"
         )
     return tuple(shape), blocksize
+
+
+def _short(value: object, limit: int = 80) -> str:
+    # JSON values come from the file: quote them, but never paste 64 KiB into a message.
+    try:
+        text = repr(value)
+    except ValueError:  # an int too long for str() (sys.get_int_max_str_digits)
+        return "<a number too large to print>"
+    return text if len(text) <= limit else text[:limit] + "…"
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _float_state(
@@ -166,26 +240,45 @@ def _flatten_nested_absmax(
     `torch.tensor(offset)` rounds it (0.328949 -> 0.328125) and skews every block.
     """
     info = tensors[q.weight]
-    for key in ("nested_blocksize", "nested_offset"):
-        if key not in meta:
-            raise CheckpointError(
-                f"{info.file}: {q.weight!r} is double-quantized but its quant-state JSON "
-                f"lacks {key!r}"
-            )
+    blocksize, offset = meta.get("nested_blocksize"), meta.get("nested_offset")
+    if not _is_int(blocksize) or blocksize not in VALID_BLOCKSIZES:
+        raise CheckpointError(
+            f"{info.file}: {q.weight!r} is double-quantized but its quant-state JSON has "
+            f"nested_blocksize {_short(blocksize)}; expected one of {VALID_BLOCKSIZES}. "
+            f"{RESAVE_HINT}"
+        )
+    if not isinstance(offset, (int, float)) or isinstance(offset, bool) or not math.isfinite(
+        offset
+    ):
+        raise CheckpointError(
+            f"{info.file}: {q.weight!r} is double-quantized but its quant-state JSON has "
+            f"nested_offset {_short(offset)}; expected a finite number. {RESAVE_HINT}"
+        )
     nested_absmax = _float_state(q, "nested_absmax", tensors, reader)
     nested_code = _float_state(q, "nested_quant_map", tensors, reader)
+    # bitsandbytes' kernel indexes these without bounds checks: sizes must agree first.
+    n_nested = _ceil_div(absmax_u8.numel(), blocksize)
+    if nested_absmax.numel() != n_nested or nested_code.numel() != 256:
+        raise CheckpointError(
+            f"{info.file}: {q.weight!r} has {nested_absmax.numel()} nested_absmax and "
+            f"{nested_code.numel()} nested_quant_map values; {absmax_u8.numel()} absmax bytes "
+            f"with nested_blocksize {blocksize} need {n_nested} and 256. {RESAVE_HINT}"
+        )
     state2 = QuantState(
-        absmax=nested_absmax, code=nested_code, blocksize=int(meta["nested_blocksize"]),
+        absmax=nested_absmax.reshape(-1), code=nested_code.reshape(-1), blocksize=blocksize,
         dtype=torch.float32,
     )
-    absmax = bnbf.dequantize_blockwise(absmax_u8, state2)
-    return absmax.float() + torch.tensor(float(meta["nested_offset"]), dtype=torch.float32)
+    absmax = bnbf.dequantize_blockwise(absmax_u8.reshape(-1), state2)
+    return absmax.float() + torch.tensor(float(offset), dtype=torch.float32)
 
 
-def _torch_dtype(name: str, q: QuantizedWeight, info: TensorInfo) -> torch.dtype:
-    dtype = getattr(torch, str(name), None)
-    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
-        raise CheckpointError(f"{info.file}: {q.weight!r} has an invalid dtype {name!r}")
+def _torch_dtype(name: object, q: QuantizedWeight, info: TensorInfo) -> torch.dtype:
+    dtype = _COMPUTE_DTYPES.get(name.removeprefix("torch.")) if isinstance(name, str) else None
+    if dtype is None:
+        raise CheckpointError(
+            f"{info.file}: {q.weight!r} has dtype {_short(name)} in its quant-state JSON; "
+            f"expected one of {sorted(_COMPUTE_DTYPES)}. {RESAVE_HINT}"
+        )
     return dtype
 
 
