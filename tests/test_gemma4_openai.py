@@ -9,6 +9,8 @@ image must give different first-token distributions, each matching its own refer
 from __future__ import annotations
 
 import json
+import shutil
+from pathlib import Path
 
 import pytest
 from engines import openai_server
@@ -28,15 +30,30 @@ VARIANTS = [
     "gemma4-int8",
     "gemma4-skip-unanchored",  # config claims a skip, tensors are 4-bit
     "gemma4-vision-bf16",  # config skips the tower and the tensors really are bf16
+    "gemma4-vision-bf16-unlisted",  # tower bf16 but the config's skip list is empty
     "gemma4-untied-lm4bit",  # lm_head stored 4-bit: dequantized into vLLM's plain head
     "gemma4-keqv-nf4",  # attention_k_eq_v: V shares K's weight and quant state
     "gemma4-audio-nf4",  # quantized audio tower too
 ]
 
 
+def _unlisted_skips(src: Path, dst: Path) -> Path:
+    """The same files with `llm_int8_skip_modules` removed from config.json, as when a
+    tool or a hand edit loses it: only the tensors can tell that the tower is bf16."""
+    if not dst.exists():
+        shutil.copytree(src, dst)
+        config = json.loads((dst / "config.json").read_text())
+        config["quantization_config"]["llm_int8_skip_modules"] = None
+        (dst / "config.json").write_text(json.dumps(config, indent=2))
+    return dst
+
+
 @pytest.fixture(scope="module", params=VARIANTS)
-def served(request, tiny):
-    ckpt = tiny[request.param]
+def served(request, tiny, tmp_path_factory):
+    if request.param == "gemma4-vision-bf16-unlisted":
+        ckpt = _unlisted_skips(tiny["gemma4-vision-bf16"], tmp_path_factory.mktemp("ckpt") / "m")
+    else:
+        ckpt = tiny[request.param]
     with openai_server(str(ckpt)) as server:
         client = OpenAI(base_url=server.base_url + "/v1", api_key="unused", max_retries=0)
         yield request.param, ckpt, client, server
