@@ -12,8 +12,10 @@ quantized, so the layout is read from the headers before the model is built.
 from __future__ import annotations
 
 import json
+import mmap
 import os
 import struct
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Literal
@@ -281,25 +283,31 @@ def find_unpaired_packed_weights(layout: CheckpointLayout) -> list[TensorInfo]:
 
 
 class FileReader:
-    """Reads each safetensors file once into memory and hands out views of it."""
+    """Maps each safetensors file once and hands out zero-copy views of it.
+
+    Tensors handed to the model are read-only-in-spirit views of a private
+    (copy-on-write) mapping: the bytes are read from the page cache exactly once, by the
+    copy into the parameter that keeps them, and never duplicated in anonymous memory.
+    """
 
     def __init__(self) -> None:
         self._buffers: dict[str, torch.Tensor] = {}
+        self._maps: dict[str, mmap.mmap] = {}
 
     def buffer(self, path: str) -> torch.Tensor:
         buf = self._buffers.get(path)
         if buf is None:
-            size = os.path.getsize(path)
-            buf = torch.empty(size, dtype=torch.uint8)
-            with open(path, "rb", buffering=0) as f:
-                n = f.readinto(memoryview(buf.numpy()))
-            if n != size:
-                raise CheckpointError(f"{path}: read {n} of {size} bytes")
+            with open(path, "rb") as f:
+                mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # torch warns about buffer protocol quirks
+                buf = torch.frombuffer(mapped, dtype=torch.uint8)
+            self._maps[path] = mapped
             self._buffers[path] = buf
         return buf
 
     def tensor(self, info: TensorInfo) -> torch.Tensor:
-        """A view into the file's buffer if it is loaded, else a read of this span only."""
+        """A view into the file's mapping if it is open, else a read of this span only."""
         buf = self._buffers.get(info.file)
         raw = buf[info.start : info.end] if buf is not None else self._read_span(info)
         if info.dtype.itemsize > 1 and info.start % info.dtype.itemsize:
@@ -317,7 +325,10 @@ class FileReader:
         return out
 
     def release(self, path: str) -> None:
+        # Views handed out may still be referenced by the model (e.g. tensors it kept);
+        # dropping our references lets the mapping close when the last view dies.
         self._buffers.pop(path, None)
+        self._maps.pop(path, None)
 
 
 def iter_files_in_order(layout: CheckpointLayout) -> Iterator[tuple[str, list[TensorInfo]]]:
