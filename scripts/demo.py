@@ -19,9 +19,10 @@ def main() -> int:
     parser.add_argument("--variant", default="gemma4-nf4-dq")
     args = parser.parse_args()
 
+    from openai import OpenAI
+
     from build_tiny_checkpoints import build
     from engines import openai_server
-    from openai import OpenAI
     from parity import load_reference
 
     ckpt = build([args.variant])[args.variant]

@@ -39,7 +39,12 @@ def engine_env(**extra: str) -> dict[str, str]:
 
 
 class EngineFailed(RuntimeError):
-    pass
+    """The message holds stderr's tail; `output` the whole of stdout + stderr (vLLM logs a
+    worker's root-cause traceback to stdout, and teardown tracebacks push it out of the tail)."""
+
+    def __init__(self, message: str, output: str = "") -> None:
+        super().__init__(message)
+        self.output = output
 
 
 def run_llm(
@@ -65,7 +70,8 @@ def run_llm(
     lines = [line for line in stdout.splitlines() if line.startswith('{"results"')]
     if proc.returncode != 0 or not lines:
         raise EngineFailed(
-            f"vllm.LLM on {model} failed (exit {proc.returncode}):\n{stderr[-6000:]}"
+            f"vllm.LLM on {model} failed (exit {proc.returncode}):\n{stderr[-6000:]}",
+            stdout + stderr,
         )
     return json.loads(lines[-1])["results"]
 

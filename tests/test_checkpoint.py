@@ -3,8 +3,8 @@
 import pytest
 import torch
 from bitsandbytes import functional as bnbf
-from bnb_files import packed_4bit_tensors, packed_8bit_tensors, write
 
+from bnb_files import packed_4bit_tensors, packed_8bit_tensors, write
 from vllm_bnb_mm.checkpoint import (
     CheckpointError,
     FileReader,

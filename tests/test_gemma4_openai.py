@@ -13,8 +13,9 @@ import shutil
 from pathlib import Path
 
 import pytest
-from engines import openai_server
 from openai import OpenAI
+
+from engines import openai_server
 from parity import assert_matches, distance_to, first_token_distribution, load_reference
 
 # Served in bf16 against HF's bf16 run of the same checkpoint: summation order and

@@ -15,7 +15,6 @@ import pytest
 import torch
 import vllm.model_executor.layers.linear as vllm_linear
 from bitsandbytes import functional as bnbf
-from bnb_files import packed_4bit_tensors, packed_8bit_tensors, write
 from vllm.config import VllmConfig, set_current_vllm_config
 from vllm.model_executor.layers.linear import (
     ColumnParallelLinear,
@@ -25,6 +24,7 @@ from vllm.model_executor.layers.linear import (
     RowParallelLinear,
 )
 
+from bnb_files import packed_4bit_tensors, packed_8bit_tensors, write
 from vllm_bnb_mm.checkpoint import FileReader, scan_checkpoint
 from vllm_bnb_mm.config import BnbConfig
 from vllm_bnb_mm.loader import checkpoint_weights, parse_quant_states

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+
 from engines import run_llm
 from parity import assert_matches, load_reference
 

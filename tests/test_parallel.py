@@ -10,6 +10,7 @@ one-NUMA-node box unless their OpenMP threads are bound explicitly.
 from __future__ import annotations
 
 import pytest
+
 from engines import run_llm
 from parity import assert_matches, load_reference
 
