@@ -307,22 +307,12 @@ class FileReader:
         return buf
 
     def tensor(self, info: TensorInfo) -> torch.Tensor:
-        """A view into the file's mapping if it is open, else a read of this span only."""
-        buf = self._buffers.get(info.file)
-        raw = buf[info.start : info.end] if buf is not None else self._read_span(info)
+        """A zero-copy view of one tensor (mapping its file on first use: lazy, so the
+        small quant-state tensors cost a page fault each, not a file open)."""
+        raw = self.buffer(info.file)[info.start : info.end]
         if info.dtype.itemsize > 1 and info.start % info.dtype.itemsize:
             raw = raw.clone()  # unaligned data cannot be viewed as a wider dtype
         return raw.view(info.dtype).reshape(info.shape)
-
-    @staticmethod
-    def _read_span(info: TensorInfo) -> torch.Tensor:
-        out = torch.empty(info.end - info.start, dtype=torch.uint8)
-        with open(info.file, "rb", buffering=0) as f:
-            f.seek(info.start)
-            n = f.readinto(memoryview(out.numpy()))
-        if n != out.numel():
-            raise CheckpointError(f"{info.file}: tensor {info.name!r} is truncated")
-        return out
 
     def release(self, path: str) -> None:
         # Views handed out may still be referenced by the model (e.g. tensors it kept);
