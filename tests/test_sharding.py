@@ -88,3 +88,18 @@ def test_merged_shards_equal_their_parts():
     assert qs.can_merge_4bit([s for _, s in parts])
     fp4 = _packed(64, 128, "fp4", False)[1]
     assert not qs.can_merge_4bit([parts[0][1], fp4])
+
+
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+@pytest.mark.parametrize("shape", [(64, 128), (96, 256), (256, 1024)])
+def test_cpu_kernel_repack_is_byte_identical_to_bitsandbytes(quant_type, shape):
+    import copy
+
+    packed, state = _packed(*shape, quant_type, double_quant=True)
+    expected, expected_state = bnbf._convert_weight_packed_for_cpu(
+        packed.clone(), copy.deepcopy(state)
+    )
+    got, got_state = qs.repack_for_cpu_kernel(packed, state)
+    assert torch.equal(got, expected)
+    assert torch.equal(got_state.absmax, expected_state.absmax)
+    assert got_state.packing_format_for_cpu and got_state.dtype == expected_state.dtype

@@ -139,7 +139,7 @@ def _tensor_info(path: str, name: str, meta: dict, data_start: int, size: int) -
         dtype_name = meta["dtype"]
         shape = tuple(int(d) for d in meta["shape"])
         begin, end = (int(o) for o in meta["data_offsets"])
-    except (KeyError, TypeError, ValueError) as e:
+    except (KeyError, TypeError, ValueError, OverflowError) as e:
         raise CheckpointError(
             f"{path}: tensor {name!r} has a malformed header entry {str(meta)[:200]}. "
             f"{REDOWNLOAD_HINT}"

@@ -260,7 +260,7 @@ def _finalize_4bit(layer, regions: list[Region]) -> None:
         merged = qs.merge_4bit(states, layer.bnb_compute_dtype)
         merged.to(device)
         if _use_cpu_packed_kernel(layer, merged):
-            data, merged = bnbf._convert_weight_packed_for_cpu(layer.weight.data, merged)
+            data, merged = qs.repack_for_cpu_kernel(layer.weight.data, merged)
             layer.weight.data = data
         layer.bnb_parts = [(0, layer.weight.numel(), merged)]
         return

@@ -63,16 +63,16 @@ def parse_4bit_state(
             f"{info.file}: {q.state_tensors['quant_map']!r} has {code.numel()} entries, "
             f"a 4-bit quant_map has 16. {RESAVE_HINT}"
         )
-    if "nested_absmax" in q.state_tensors:
-        absmax = _flatten_nested_absmax(q, meta, absmax, tensors, reader)
     n_blocks = _ceil_div(math.prod(shape), blocksize)
-    if absmax.numel() != n_blocks:
+    if absmax.numel() != n_blocks:  # checked before any kernel reads it
         raise CheckpointError(
             f"{info.file}: {q.weight!r} has {absmax.numel()} absmax values but its "
             f"quant-state JSON says shape {list(shape)} with blocksize {blocksize}, which "
             f"needs {n_blocks}: the JSON's blocksize or shape does not match the data. "
             f"{RESAVE_HINT}"
         )
+    if "nested_absmax" in q.state_tensors:
+        absmax = _flatten_nested_absmax(q, meta, absmax, tensors, reader)
     _check_finite_absmax(q, absmax, tensors)
     return QuantState(
         absmax=absmax.float().reshape(-1),
@@ -367,3 +367,27 @@ def merge_4bit(states: list[QuantState], dtype: torch.dtype) -> QuantState:
     merged = _with(states[0], torch.cat([s.absmax for s in states]), (rows, states[0].shape[1]))
     merged.dtype = dtype
     return merged
+
+
+def repack_for_cpu_kernel(
+    packed: torch.Tensor, state: QuantState, block_n: int = 32
+) -> tuple[torch.Tensor, QuantState]:
+    """The weight layout of bitsandbytes' AVX512-BF16 4-bit kernel, byte for byte what
+    `bitsandbytes.functional._convert_weight_packed_for_cpu` produces, computed in uint8:
+    bitsandbytes unpacks every nibble to int32 first, which made this repack the largest
+    cost of loading (4x the memory traffic). `state` must have flat float32 absmax."""
+    n, k = state.shape
+    flat = packed.reshape(-1)
+    # Byte i holds element 2i in its high nibble and element 2i+1 in its low nibble.
+    nibbles = torch.stack((flat >> 4, flat & 0xF), dim=-1)
+    # Tiles of block_n rows x 2 columns, each tile's 2*block_n values contiguous.
+    tiles = nibbles.reshape(n // block_n, block_n, k // 2, 2).transpose(1, 2)
+    tiles = tiles.reshape(-1, 2 * block_n)
+    out = (tiles[:, block_n:] << 4) | tiles[:, :block_n]
+    cpu_state = _with(state, state.absmax, (n, k))
+    cpu_state.absmax = (
+        state.absmax.reshape(n, k // state.blocksize).t().to(torch.bfloat16).contiguous()
+    )
+    cpu_state.dtype = torch.bfloat16
+    cpu_state.packing_format_for_cpu = True
+    return out.reshape(n, k // 2), cpu_state
