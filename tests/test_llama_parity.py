@@ -13,8 +13,9 @@ from parity import assert_matches, load_reference
 
 # Same bitsandbytes 4-bit kernel on both sides: only summation order differs.
 TOL_4BIT = 0.02
-# bitsandbytes' CPU int8 matmul runs through fp16 on both sides, in different orders.
-TOL_8BIT = 0.05
+# bitsandbytes' CPU int8 matmul runs activations through fp16 on both sides, in orders
+# that vary run to run (measured up to 0.051); a wrong scale or shard is off by > 1.
+TOL_8BIT = 0.1
 
 
 @pytest.mark.parametrize(
