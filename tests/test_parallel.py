@@ -33,16 +33,18 @@ def _check(tiny, variant, tol, **llm_kwargs):
         assert_matches(result, expected[case["name"]], tol, f"{variant}/{case['name']}")
 
 
-@pytest.mark.parametrize(
-    "variant,tol",
-    [("llama-wide-nf4-dq", TOL_4BIT), ("llama-wide-fp4", TOL_4BIT),
-     ("llama-wide-int8", TOL_8BIT)],
-)
+VARIANTS = [
+    ("llama-wide-nf4-dq", TOL_4BIT), ("llama-wide-fp4", TOL_4BIT), ("llama-wide-int8", TOL_8BIT)
+]
+
+
+@pytest.mark.parametrize("variant,tol", VARIANTS)
 def test_tensor_parallel_2_matches_hf(tiny, variant, tol):
     _check(tiny, variant, tol, tensor_parallel_size=2)
 
 
-def test_pipeline_parallel_2_matches_hf(tiny):
+@pytest.mark.parametrize("variant,tol", VARIANTS)
+def test_pipeline_parallel_2_matches_hf(tiny, variant, tol):
     # vLLM CPU allocates the inter-stage buffers only in its compile warm-up, so PP
     # needs enforce_eager=False there.
-    _check(tiny, "llama-wide-nf4-dq", TOL_4BIT, pipeline_parallel_size=2, enforce_eager=False)
+    _check(tiny, variant, tol, pipeline_parallel_size=2, enforce_eager=False)
