@@ -111,22 +111,6 @@ QUICK = ModelSpec(
     v_hidden=128, v_intermediate=512, v_layers=1, v_heads=2, soft_tokens=70,
 )
 
-CHAT_TEMPLATE = (
-    "{{ bos_token }}"
-    "{%- for message in messages -%}"
-    "{%- set role = 'model' if message['role'] == 'assistant' else message['role'] -%}"
-    "{{ '<|turn>' + role + '\\n' }}"
-    "{%- if message['content'] is string -%}{{ message['content'] }}"
-    "{%- else -%}{%- for item in message['content'] -%}"
-    "{%- if item['type'] == 'text' -%}{{ item['text'] }}"
-    "{%- elif item['type'] == 'image' -%}{{ '<|image|>' }}"
-    "{%- elif item['type'] == 'audio' -%}{{ '<|audio|>' }}"
-    "{%- elif item['type'] == 'video' -%}{{ '<|video|>' }}"
-    "{%- endif -%}{%- endfor -%}{%- endif -%}"
-    "{{ '<turn|>\\n' }}"
-    "{%- endfor -%}"
-    "{%- if add_generation_prompt -%}{{ '<|turn>model\\n' }}{%- endif -%}"
-)
 SPECIAL = ["<pad>", "<eos>", "<bos>", "<unk>", "<mask>"]
 NAMED = {
     "sot_token": "<|turn>", "eot_token": "<turn|>", "boi_token": "<|image>",
@@ -150,6 +134,8 @@ def _tokenizer(vocab_size: int):
     """Byte-fallback BPE padded to ``vocab_size`` with <unusedN>, saved as GemmaTokenizer."""
     from tokenizers import Tokenizer, models, normalizers, trainers
     from transformers import GemmaTokenizer
+
+    from build_tiny_checkpoints import GEMMA4_CHAT_TEMPLATE as CHAT_TEMPLATE
 
     reserved = SPECIAL + list(NAMED.values()) + [VIDEO]
     prefix = reserved + [f"<0x{i:02X}>" for i in range(256)]
@@ -231,7 +217,7 @@ def _save_bf16(spec: ModelSpec, out: Path) -> int:
         feature_extractor=Gemma4AudioFeatureExtractor(),
         image_processor=Gemma4ImageProcessor(max_soft_tokens=spec.soft_tokens),
         tokenizer=tok, video_processor=Gemma4VideoProcessor(),
-        chat_template=CHAT_TEMPLATE, image_seq_length=spec.soft_tokens,
+        chat_template=tok.chat_template, image_seq_length=spec.soft_tokens,
     ).save_pretrained(out)
     return n_params
 
