@@ -27,6 +27,7 @@ from vllm.model_executor.utils import set_weight_attrs
 
 from . import quant_state as qs
 from .config import BnbConfig
+from .cpu import request_amx_tile_state
 from .registry import PACKED
 
 logger = init_logger(f"vllm.{__name__}")
@@ -83,6 +84,8 @@ class BnbLinearMethod(LinearMethodBase):
         weight = layer.weight
         regions = sorted(weight.bnb_regions, key=lambda r: r.start)
         _check_coverage(layer, regions)
+        if weight.device.type == "cpu":
+            request_amx_tile_state()
         if self.kind == "8bit":
             _finalize_8bit(layer, regions, self.config)
         else:
