@@ -123,9 +123,9 @@ def checkpoint_files(folder: str) -> list[str]:
         )
         raise CheckpointError(
             f"{folder}: no *.safetensors weights found"
-            + (f", only pickle file(s) {', '.join(pickles)}: inspect reads safetensors "
-               "headers only; convert them to safetensors (the loader refuses pickles "
-               "unless VLLM_BNB_ALLOW_PICKLE=1)" if pickles else "")
+            + (f", only pickle file(s) {', '.join(pickles)}, which are refused (unpickling "
+               "can run code; the loader takes trusted ones with VLLM_BNB_ALLOW_PICKLE=1): "
+               "convert them to safetensors to inspect them" if pickles else "")
         )
     return [os.path.join(folder, n) for n in names]
 
