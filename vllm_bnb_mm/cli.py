@@ -39,8 +39,9 @@ def main(argv: list[str] | None = None) -> int:
     inspect = commands.add_parser(
         "inspect",
         help="what is in a BnB checkpoint, what it will cost, and its known problems",
-        description="Reads safetensors headers and quant-state tensors only (never the "
-        "packed weights). Exit status 1 when the checkpoint would not load.",
+        description="Reads safetensors headers and the quant-state JSON only (never the "
+        "packed weights; --full adds the block scales). Exit status 1 when the checkpoint "
+        "would not load.",
     )
     inspect.add_argument("checkpoint", help="checkpoint folder, or a Hugging Face hub id")
     inspect.add_argument("--json", action="store_true", help="machine-readable output")
@@ -48,6 +49,9 @@ def main(argv: list[str] | None = None) -> int:
                          help="vLLM --dtype for plain weights (default: the config's)")
     inspect.add_argument("--tp", type=_tp_sizes, default=DEFAULT_TP_SIZES,
                          help="tensor-parallel sizes to check, e.g. 2,4 (default 2,4,8)")
+    inspect.add_argument("--full", action="store_true",
+                         help="also read every block scale (absmax) and check it as the "
+                         "loader does; reads about 1/16 of the packed bytes")
     inspect.add_argument("--revision", help="hub revision (hub ids only)")
     inspect.add_argument("--no-vllm", action="store_true",
                          help="skip the checks that build vLLM's model class on the meta "
@@ -61,7 +65,7 @@ def run_inspect(args: argparse.Namespace) -> int:
     try:
         folder = resolve_checkpoint(args.checkpoint, args.revision)
         report = inspect_checkpoint(
-            folder, dtype=args.dtype, tp_sizes=args.tp,
+            folder, dtype=args.dtype, tp_sizes=args.tp, full=args.full,
             architecture=None if args.no_vllm else _architecture_check(),
         )
     except CheckpointError as e:

@@ -160,20 +160,23 @@ def inspect_checkpoint(
     dtype: str | None = None,
     tp_sizes: tuple[int, ...] = DEFAULT_TP_SIZES,
     architecture: Callable[[str, CheckpointLayout], ArchitectureFacts | None] | None = None,
+    full: bool = False,
 ) -> Report:
     """Everything `vllm-bnb-mm inspect` prints. Raises CheckpointError where the loader
     would refuse the files (the message names tensor and file). `architecture` (given
-    where vLLM is importable) supplies the model-class facts once the files check out."""
+    where vLLM is importable) supplies the model-class facts once the files check out.
+    `full` also reads every block scale and checks it as the loader does (reads about
+    1/16 of the packed bytes; without it only the JSON and header entries are read)."""
     files = checkpoint_files(folder)
     config = read_config(folder)
     qconfig = config.get("quantization_config")
     layout = scan_checkpoint(files)
     check_quantization_matches(layout, files, declared_quantization(qconfig))
     dtype = model_dtype(config, dtype)
-    modules = _module_infos(layout, FileReader())
+    modules = _module_infos(layout, FileReader(), full)
     architecture = architecture(folder, layout) if architecture is not None else None
     _apply_build(modules, architecture)
-    assumptions = _price(modules, layout, _FLOAT_SIZES[dtype], architecture)
+    assumptions = _price(modules, layout, _FLOAT_SIZES[dtype], architecture, full)
     problems = find_problems(layout, modules, qconfig, architecture)
     tp_exact, tp_problem = tp_cut_report(modules, tp_sizes, config, architecture)
     if tp_problem is not None:
@@ -196,7 +199,9 @@ def inspect_checkpoint(
     )
 
 
-def _module_infos(layout: CheckpointLayout, reader: FileReader) -> list[ModuleInfo]:
+def _module_infos(
+    layout: CheckpointLayout, reader: FileReader, full: bool
+) -> list[ModuleInfo]:
     infos = []
     for name, tensor in layout.tensors.items():
         if not name.endswith(".weight") or name in layout.state_tensor_names:
@@ -207,7 +212,7 @@ def _module_infos(layout: CheckpointLayout, reader: FileReader) -> list[ModuleIn
             infos.append(ModuleInfo(module, "plain", list(tensor.shape),
                                     _dtype_name(tensor.dtype), disk_bytes=_nbytes(tensor)))
         elif q.kind == "4bit":
-            infos.append(_four_bit_info(module, q, layout, reader))
+            infos.append(_four_bit_info(module, q, layout, reader, full))
         else:
             qs.parse_8bit_state(q, layout.tensors, reader)  # validates SCB
             infos.append(ModuleInfo(module, "int8", list(tensor.shape), "int8",
@@ -216,10 +221,12 @@ def _module_infos(layout: CheckpointLayout, reader: FileReader) -> list[ModuleIn
 
 
 def _four_bit_info(
-    module: str, q: QuantizedWeight, layout: CheckpointLayout, reader: FileReader
+    module: str, q: QuantizedWeight, layout: CheckpointLayout, reader: FileReader, full: bool
 ) -> ModuleInfo:
-    # The loader's own parser: validates the JSON, the sizes and the block scales.
-    state = qs.parse_4bit_state(q, layout.tensors, reader)
+    # The loader's own parsers: the JSON and sizes always, the block scales when `full`.
+    state = qs.read_4bit_meta(q, layout.tensors, reader)
+    if full:
+        qs.parse_4bit_state(q, layout.tensors, reader)
     return ModuleInfo(
         module, state.quant_type, list(state.shape), "uint8",
         double_quant="nested_absmax" in q.state_tensors, blocksize=state.blocksize,
@@ -241,7 +248,7 @@ def _apply_build(modules: list[ModuleInfo], facts: ArchitectureFacts | None) -> 
 
 def _price(
     modules: list[ModuleInfo], layout: CheckpointLayout, itemsize: int,
-    facts: ArchitectureFacts | None,
+    facts: ArchitectureFacts | None, full: bool,
 ) -> list[str]:
     """Bytes each module takes as loaded, on a GPU: 4-bit packed bytes + float32 absmax
     (double quant is flattened at load) + the 16-entry code; 8-bit int8 + float32 row
@@ -261,6 +268,8 @@ def _price(
         else:
             m.loaded_bytes = _plain_loaded_bytes(layout.tensors[m.name + ".weight"], itemsize)
     notes = [
+        "Sizes from the headers and quant-state JSON; block scales were "
+        + ("read and checked (--full)." if full else "not read (--full checks them too)."),
         "GPU layout: 4-bit weights packed (2 per byte) with float32 block scales (double "
         "quant flattened at load); 8-bit int8 with float32 row scales; plain weights in the "
         "model dtype. On x86 CPUs the 4-bit block scales are kept in bfloat16 instead.",
