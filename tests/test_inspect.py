@@ -271,3 +271,35 @@ def test_hub_id_resolves_through_the_offline_cache(tiny, tmp_path):
     assert report["checkpoint"] == str(snapshot)
     assert "tiny-org/not-there" in result.stderr and "HF_HUB_OFFLINE" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+# ------------------------------------------------------------------ MoE
+
+
+def test_moe_experts_left_unquantized_by_transformers_are_reported(tmp_path):
+    """transformers 5 keeps MoE experts as 3-D parameters, which bitsandbytes does not
+    quantize; save_pretrained writes them back per expert, in bf16, beside packed
+    attention. A tiny Mixtral quantized the way users do it."""
+    from transformers import BitsAndBytesConfig, MixtralConfig, MixtralForCausalLM
+
+    config = MixtralConfig(
+        vocab_size=128, hidden_size=64, intermediate_size=64, num_hidden_layers=1,
+        num_attention_heads=2, num_key_value_heads=1, head_dim=32, num_local_experts=4,
+        num_experts_per_tok=2, max_position_embeddings=64,
+    )
+    torch.manual_seed(0)
+    MixtralForCausalLM(config).to(torch.bfloat16).save_pretrained(tmp_path / "bf16")
+    MixtralForCausalLM.from_pretrained(
+        tmp_path / "bf16", dtype=torch.bfloat16,
+        quantization_config=BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4"),
+    ).save_pretrained(tmp_path / "nf4")
+    header = ref.checkpoint_header(tmp_path / "nf4")
+    experts = sorted(k for k in header if ".experts." in k)
+    assert experts and {header[k]["dtype"] for k in experts} == {"BF16"}  # what HF wrote
+    assert header["model.layers.0.self_attn.q_proj.weight"]["dtype"] == "U8"
+
+    report = inspect_checkpoint(str(tmp_path / "nf4"))
+    problem = next(p for p in report.problems if p.code == "moe-experts-unquantized")
+    assert problem.severity == "warning" and f"{len(experts)} MoE expert" in problem.message
+    assert set(problem.examples) <= set(experts) and problem.examples
+    assert "moe-experts-unquantized" not in _codes(inspect_checkpoint(str(tmp_path / "bf16")))
