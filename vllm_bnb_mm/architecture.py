@@ -29,8 +29,7 @@ def architecture_facts(folder: str, layout: CheckpointLayout) -> ArchitectureFac
     """None when the checkpoint is not configured for bitsandbytes (nothing to check)."""
     register()
     vllm_config = EngineArgs(
-        model=folder, load_format="bitsandbytes", skip_tokenizer_init=True,
-        enforce_eager=True, max_model_len=512,
+        model=folder, load_format="bitsandbytes", skip_tokenizer_init=True, enforce_eager=True,
     ).create_engine_config()
     quant_config = vllm_config.quant_config
     if not isinstance(quant_config, BnbConfig):
