@@ -174,11 +174,11 @@ def inspect_checkpoint(
     check_quantization_matches(layout, files, declared_quantization(qconfig))
     dtype = model_dtype(config, dtype)
     modules = _module_infos(layout, FileReader(), full)
-    architecture = architecture(folder, layout) if architecture is not None else None
-    _apply_build(modules, architecture)
-    assumptions = _price(modules, layout, _FLOAT_SIZES[dtype], architecture, full)
-    problems = find_problems(layout, modules, qconfig, architecture)
-    tp_exact, tp_problem = tp_cut_report(modules, tp_sizes, config, architecture)
+    facts = architecture(folder, layout) if architecture is not None else None
+    _apply_build(modules, facts)
+    assumptions = _price(modules, layout, _FLOAT_SIZES[dtype], facts, full)
+    problems = find_problems(layout, modules, qconfig, facts)
+    tp_exact, tp_problem = tp_cut_report(modules, tp_sizes, config, facts)
     if tp_problem is not None:
         problems.append(tp_problem)
     loaded = _loaded_bytes_by_kind(modules, layout, _FLOAT_SIZES[dtype])
@@ -195,7 +195,7 @@ def inspect_checkpoint(
         memory_assumptions=assumptions,
         problems=problems,
         tp_exact=tp_exact,
-        architecture_checked=architecture is not None,
+        architecture_checked=facts is not None,
     )
 
 
@@ -203,8 +203,9 @@ def _module_infos(
     layout: CheckpointLayout, reader: FileReader, full: bool
 ) -> list[ModuleInfo]:
     infos = []
+    state = layout.state_tensor_names
     for name, tensor in layout.tensors.items():
-        if not name.endswith(".weight") or name in layout.state_tensor_names:
+        if not name.endswith(".weight") or name in state:
             continue
         module = name.removesuffix(".weight")
         q = layout.quantized.get(name)
@@ -313,9 +314,8 @@ def _loaded_bytes_by_kind(
         key = {"packed": f"{_bits(m)} packed", "dequantized": f"{_bits(m)} dequantized",
                "absent": "not loaded", "ignored": "not loaded"}.get(m.built, "plain")
         out[key] = out.get(key, 0) + m.loaded_bytes
-    weights = {m.name + ".weight" for m in modules}
-    others = [t for n, t in layout.tensors.items()
-              if n not in weights and n not in layout.state_tensor_names]
+    skip = {m.name + ".weight" for m in modules} | layout.state_tensor_names
+    others = [t for n, t in layout.tensors.items() if n not in skip]
     out["plain"] = out.get("plain", 0) + sum(_plain_loaded_bytes(t, itemsize) for t in others)
     out.pop("not loaded", None)
     return {k: v for k, v in out.items() if v}
@@ -437,10 +437,11 @@ def _k_eq_v_problem(modules: list[ModuleInfo]) -> list[Problem]:
 def _moe_problem(layout: CheckpointLayout, packed: list[ModuleInfo]) -> list[Problem]:
     """Experts left in full precision beside packed layers: transformers 5 stores MoE
     experts as 3-D parameters, and bitsandbytes only quantizes nn.Linear."""
+    state = layout.state_tensor_names
     experts = [
         t for n, t in layout.tensors.items()
         if "experts" in n.split(".") and t.dtype.is_floating_point
-        and n not in layout.state_tensor_names and n not in layout.quantized
+        and n not in state and n not in layout.quantized
         and (len(t.shape) == 3 or n.endswith(".weight"))
     ]
     if not experts or not packed:
