@@ -77,7 +77,7 @@ def _layer_for(name: str, modules: dict, fused: dict[str, list[str]]):
     while parent:
         module = modules.get(parent)
         if module is not None:
-            return module
+            return module if any(True for _ in module.parameters(recurse=False)) else None
         parent = parent.rpartition(".")[0]
     return None
 
