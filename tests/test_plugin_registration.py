@@ -60,6 +60,29 @@ def test_register_is_idempotent():
         print("COUNT", QUANTIZATION_METHODS.count("bitsandbytes"))
     """)
     assert "COUNT 1" in result.stdout, result.stderr
+    assert "is tested with vLLM" not in result.stderr  # the installed vLLM is a tested one
+
+
+def test_register_warns_once_on_an_untested_vllm():
+    result = _run("""
+        import vllm, vllm_bnb_mm
+        vllm.__version__ = "0.31.2"
+        for _ in range(3):
+            vllm_bnb_mm.register()
+    """)
+    warnings = [line for line in result.stderr.splitlines() if "is tested with vLLM" in line]
+    assert result.returncode == 0, result.stderr
+    assert len(warnings) == 1 and "this is vLLM 0.31.2" in warnings[0], result.stderr
+
+
+@pytest.mark.parametrize("version, tested", [
+    ("0.31.2", False), ("0.32.0", True), ("0.33.0", True), ("0.33.1.dev4+g1234abc", True),
+    ("0.34.0rc1", False), ("0.34.0", False), ("1.0.0", False), ("dev", False),
+])
+def test_tested_vllm_range(version, tested):
+    from vllm_bnb_mm import is_tested_vllm
+
+    assert is_tested_vllm(version) is tested
 
 
 @pytest.mark.parametrize("order", ["incumbent_first", "ours_first"])

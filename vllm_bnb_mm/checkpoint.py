@@ -282,6 +282,86 @@ def find_unpaired_packed_weights(layout: CheckpointLayout) -> list[TensorInfo]:
     ]
 
 
+@dataclass(frozen=True)
+class DeclaredQuantization:
+    """What config.json's bitsandbytes quantization_config says, for the tensor checks."""
+
+    pre_quantized: bool  # quant_method is "bitsandbytes": the weights are already packed
+    kind: QuantKind  # what layers are built as
+    declared_kind: QuantKind | None  # None: neither load_in_4bit nor load_in_8bit is set
+
+
+def declared_quantization(quantization_config: dict | None) -> DeclaredQuantization | None:
+    """config.json's quantization_config in the loader's terms; None when not bitsandbytes.
+    transformers writes `load_in_4bit` and the private `_load_in_4bit` (likewise 8-bit)."""
+    if not quantization_config or quantization_config.get("quant_method") != "bitsandbytes":
+        return None
+
+    def flag(name: str) -> bool:
+        value = quantization_config.get(name)
+        return bool(quantization_config.get("_" + name) if value is None else value)
+
+    eight, four = flag("load_in_8bit"), flag("load_in_4bit")
+    declared: QuantKind | None = "8bit" if eight else "4bit" if four else None
+    return DeclaredQuantization(True, "8bit" if eight else "4bit", declared)
+
+
+def check_quantization_matches(
+    layout: CheckpointLayout, files: list[str], declared: DeclaredQuantization | None
+) -> None:
+    """The tensors against the config: every packed weight has its state, and the config
+    says bitsandbytes, of the kind the tensors are. `declared` is None when the model is
+    not configured for bitsandbytes."""
+    unpaired = find_unpaired_packed_weights(layout)
+    if unpaired:
+        info = unpaired[0]
+        raise CheckpointError(
+            f"{info.file}: {info.name!r} is {info.dtype} (looks packed) but has no "
+            "bitsandbytes quant state (absmax/quant_map/quant_state JSON or SCB); "
+            f"{len(unpaired)} such tensor(s)"
+        )
+    if layout.quantized and declared is None:
+        first = next(iter(layout.quantized.values()))
+        raise CheckpointError(
+            f"{layout.tensors[first.weight].file}: {first.weight!r} is a packed "
+            "bitsandbytes weight but the model is not configured for bitsandbytes: "
+            "add `--quantization bitsandbytes` or a quantization_config"
+        )
+    if declared is None or not declared.pre_quantized:
+        return
+    kinds = {q.kind for q in layout.quantized.values()}
+    if kinds and declared.declared_kind is None:
+        first = next(iter(layout.quantized.values()))
+        flag = "load_in_8bit" if first.kind == "8bit" else "load_in_4bit"
+        raise CheckpointError(
+            f"{layout.tensors[first.weight].file}: quantization_config in config.json "
+            f"sets neither load_in_4bit nor load_in_8bit to true, and {first.weight!r} "
+            f"is {first.kind}: add \"{flag}\": true to quantization_config"
+        )
+    if kinds and declared.kind not in kinds:
+        first = next(iter(layout.quantized.values()))
+        raise CheckpointError(
+            f"{layout.tensors[first.weight].file}: quantization_config says "
+            f"{declared.kind} but {first.weight!r} is {first.kind}: the config "
+            "contradicts the tensors; fix load_in_4bit/load_in_8bit in config.json"
+        )
+    if not layout.quantized:
+        raise CheckpointError(
+            f"{files[0]}: quantization_config says bitsandbytes but no tensor in "
+            f"{len(files)} file(s) is packed"
+        )
+
+
+def narrowed_absmax(layout: CheckpointLayout) -> list[str]:
+    """absmax tensors stored as float16/bfloat16: bitsandbytes writes float32, so these
+    were cast after quantizing (they load upcast, exactly as stored, less precise)."""
+    return [
+        q.state_tensors["absmax"] for q in layout.quantized.values()
+        if q.kind == "4bit" and "nested_absmax" not in q.state_tensors
+        and layout.tensors[q.state_tensors["absmax"]].dtype in (torch.float16, torch.bfloat16)
+    ]
+
+
 class FileReader:
     """Maps each safetensors file once and hands out zero-copy views of it.
 

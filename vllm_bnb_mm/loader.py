@@ -28,9 +28,11 @@ from . import quant_state as qs
 from .checkpoint import (
     CheckpointError,
     CheckpointLayout,
+    DeclaredQuantization,
     FileReader,
-    find_unpaired_packed_weights,
+    check_quantization_matches,
     iter_files_in_order,
+    narrowed_absmax,
     scan_checkpoint,
 )
 from .config import BnbConfig, ModuleKind
@@ -103,43 +105,12 @@ class BnbModelLoader(BaseModelLoader):
 
     @staticmethod
     def _check_quantization_matches(quant_config, layout: CheckpointLayout, files) -> None:
-        unpaired = find_unpaired_packed_weights(layout)
-        if unpaired:
-            info = unpaired[0]
-            raise CheckpointError(
-                f"{info.file}: {info.name!r} is {info.dtype} (looks packed) but has no "
-                "bitsandbytes quant state (absmax/quant_map/quant_state JSON or SCB); "
-                f"{len(unpaired)} such tensor(s)"
+        declared = None
+        if isinstance(quant_config, BnbConfig):
+            declared = DeclaredQuantization(
+                quant_config.pre_quantized, quant_config.kind, quant_config.declared_kind
             )
-        if layout.quantized and not isinstance(quant_config, BnbConfig):
-            first = next(iter(layout.quantized.values()))
-            raise CheckpointError(
-                f"{layout.tensors[first.weight].file}: {first.weight!r} is a packed "
-                "bitsandbytes weight but the model is not configured for bitsandbytes: "
-                "add `--quantization bitsandbytes` or a quantization_config"
-            )
-        if isinstance(quant_config, BnbConfig) and quant_config.pre_quantized:
-            kinds = {q.kind for q in layout.quantized.values()}
-            if kinds and quant_config.declared_kind is None:
-                first = next(iter(layout.quantized.values()))
-                flag = "load_in_8bit" if first.kind == "8bit" else "load_in_4bit"
-                raise CheckpointError(
-                    f"{layout.tensors[first.weight].file}: quantization_config in config.json "
-                    f"sets neither load_in_4bit nor load_in_8bit to true, and {first.weight!r} "
-                    f"is {first.kind}: add \"{flag}\": true to quantization_config"
-                )
-            if kinds and quant_config.kind not in kinds:
-                first = next(iter(layout.quantized.values()))
-                raise CheckpointError(
-                    f"{layout.tensors[first.weight].file}: quantization_config says "
-                    f"{quant_config.kind} but {first.weight!r} is {first.kind}: the config "
-                    "contradicts the tensors; fix load_in_4bit/load_in_8bit in config.json"
-                )
-            if not layout.quantized:
-                raise CheckpointError(
-                    f"{files[0]}: quantization_config says bitsandbytes but no tensor in "
-                    f"{len(files)} file(s) is packed"
-                )
+        check_quantization_matches(layout, files, declared)
 
 
 ALLOW_PICKLE_ENV = "VLLM_BNB_ALLOW_PICKLE"
@@ -276,11 +247,7 @@ def warn_narrowed_absmax(layout: CheckpointLayout) -> None:
     """bitsandbytes writes absmax in float32; a float16/bfloat16 one was cast after
     quantizing. It loads (the upcast is exact, overflow is refused by the parser), but
     the block scales lost precision, so say so instead of staying silent."""
-    narrowed = [
-        q.state_tensors["absmax"] for q in layout.quantized.values()
-        if q.kind == "4bit" and "nested_absmax" not in q.state_tensors
-        and layout.tensors[q.state_tensors["absmax"]].dtype in (torch.float16, torch.bfloat16)
-    ]
+    narrowed = narrowed_absmax(layout)
     if narrowed:
         logger.warning(
             "BnB: %d absmax tensor(s) are stored as %s instead of bitsandbytes' float32 "

@@ -41,10 +41,24 @@ class Int8State:
         return self.scb.numel()
 
 
-def parse_4bit_state(
+@dataclass(frozen=True)
+class FourBitMeta:
+    """What one packed 4-bit weight's quant-state JSON and header entries say, checked
+    against each other; no block scale has been read."""
+
+    quant_type: str
+    shape: tuple[int, ...]
+    blocksize: int
+    dtype: torch.dtype  # what the weight dequantizes to
+    nested_blocksize: int | None  # double quant only
+    nested_offset: float | None
+
+
+def read_4bit_meta(
     q: QuantizedWeight, tensors: dict[str, TensorInfo], reader: FileReader
-) -> QuantState:
-    """Build a float32 QuantState for one packed weight, with nested absmax flattened."""
+) -> FourBitMeta:
+    """Every check of one packed weight that needs no block scale: the JSON (read, a few
+    hundred bytes), and each state tensor's dtype and size from its header entry."""
     info = tensors[q.weight]
     json_key = next(k for k in q.state_tensors if k.startswith("quant_state."))
     meta = _read_state_json(q.state_tensors[json_key], tensors, reader)
@@ -56,31 +70,45 @@ def parse_4bit_state(
         )
     shape, blocksize = _check_4bit_meta(q, meta, info, tensors)
     dtype = _torch_dtype(meta["dtype"], q, info)
-    absmax = _float_state(q, "absmax", tensors, reader)
-    code = _float_state(q, "quant_map", tensors, reader)
-    if code.numel() != 16:
+    nested = "nested_absmax" in q.state_tensors
+    absmax = _state_info(q, "absmax", tensors, uint8=nested)
+    code = _state_info(q, "quant_map", tensors)
+    if math.prod(code.shape) != 16:
         raise CheckpointError(
-            f"{info.file}: {q.state_tensors['quant_map']!r} has {code.numel()} entries, "
-            f"a 4-bit quant_map has 16. {RESAVE_HINT}"
+            f"{info.file}: {q.state_tensors['quant_map']!r} has {math.prod(code.shape)} "
+            f"entries, a 4-bit quant_map has 16. {RESAVE_HINT}"
         )
     n_blocks = _ceil_div(math.prod(shape), blocksize)
-    if absmax.numel() != n_blocks:  # checked before any kernel reads it
+    if math.prod(absmax.shape) != n_blocks:  # checked before any kernel reads it
         raise CheckpointError(
-            f"{info.file}: {q.weight!r} has {absmax.numel()} absmax values but its "
+            f"{info.file}: {q.weight!r} has {math.prod(absmax.shape)} absmax values but its "
             f"quant-state JSON says shape {list(shape)} with blocksize {blocksize}, which "
             f"needs {n_blocks}: the JSON's blocksize or shape does not match the data. "
             f"{RESAVE_HINT}"
         )
-    if "nested_absmax" in q.state_tensors:
+    nested_blocksize, nested_offset = (
+        _check_nested(q, meta, n_blocks, tensors) if nested else (None, None)
+    )
+    return FourBitMeta(quant_type, shape, blocksize, dtype, nested_blocksize, nested_offset)
+
+
+def parse_4bit_state(
+    q: QuantizedWeight, tensors: dict[str, TensorInfo], reader: FileReader
+) -> QuantState:
+    """Build a float32 QuantState for one packed weight, with nested absmax flattened."""
+    meta = read_4bit_meta(q, tensors, reader)
+    absmax = _state_values(q, "absmax", tensors, reader)
+    code = _state_values(q, "quant_map", tensors, reader)
+    if meta.nested_blocksize is not None:
         absmax = _flatten_nested_absmax(q, meta, absmax, tensors, reader)
     _check_finite_absmax(q, absmax, tensors)
     return QuantState(
         absmax=absmax.float().reshape(-1),
-        shape=torch.Size(shape),
+        shape=torch.Size(meta.shape),
         code=code.float(),
-        blocksize=blocksize,
-        quant_type=quant_type,
-        dtype=dtype,
+        blocksize=meta.blocksize,
+        quant_type=meta.quant_type,
+        dtype=meta.dtype,
     )
 
 
@@ -211,34 +239,32 @@ def _is_int(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _float_state(
+def _state_info(
+    q: QuantizedWeight, suffix: str, tensors: dict[str, TensorInfo], uint8: bool = False
+) -> TensorInfo:
+    """A state tensor's header entry, its dtype checked: float, or uint8 for the
+    double-quantized absmax."""
+    info = tensors[q.state_tensors[suffix]]
+    if uint8 and info.dtype != torch.uint8:
+        raise CheckpointError(
+            f"{info.file}: {info.name!r} is {info.dtype}; with double quant absmax is uint8"
+        )
+    if not uint8 and not info.dtype.is_floating_point:
+        raise CheckpointError(f"{info.file}: {info.name!r} is {info.dtype}, expected float")
+    return info
+
+
+def _state_values(
     q: QuantizedWeight, suffix: str, tensors: dict[str, TensorInfo], reader: FileReader
 ) -> torch.Tensor:
-    info = tensors[q.state_tensors[suffix]]
-    t = reader.tensor(info)
-    if suffix == "absmax" and "nested_absmax" in q.state_tensors:
-        if t.dtype != torch.uint8:
-            raise CheckpointError(
-                f"{info.file}: {info.name!r} is {t.dtype}; with double quant absmax is uint8"
-            )
-        return t.clone()
-    if not t.dtype.is_floating_point:
-        raise CheckpointError(f"{info.file}: {info.name!r} is {t.dtype}, expected float")
-    return t.float().clone()
+    t = reader.tensor(tensors[q.state_tensors[suffix]])
+    return t.clone() if t.dtype == torch.uint8 else t.float().clone()
 
 
-def _flatten_nested_absmax(
-    q: QuantizedWeight,
-    meta: dict,
-    absmax_u8: torch.Tensor,
-    tensors: dict[str, TensorInfo],
-    reader: FileReader,
-) -> torch.Tensor:
-    """Dequantize double-quant absmax to float32 once, at load, with bitsandbytes.
-
-    The offset is read as float32: under a bf16 default dtype a naive
-    `torch.tensor(offset)` rounds it (0.328949 -> 0.328125) and skews every block.
-    """
+def _check_nested(
+    q: QuantizedWeight, meta: dict, n_absmax: int, tensors: dict[str, TensorInfo]
+) -> tuple[int, float]:
+    """Double quant: the JSON's nested fields and the nested tensors' sizes."""
     info = tensors[q.weight]
     blocksize, offset = meta.get("nested_blocksize"), meta.get("nested_offset")
     if not _is_int(blocksize) or blocksize not in VALID_BLOCKSIZES:
@@ -254,22 +280,38 @@ def _flatten_nested_absmax(
             f"{info.file}: {q.weight!r} is double-quantized but its quant-state JSON has "
             f"nested_offset {_short(offset)}; expected a finite number. {RESAVE_HINT}"
         )
-    nested_absmax = _float_state(q, "nested_absmax", tensors, reader)
-    nested_code = _float_state(q, "nested_quant_map", tensors, reader)
+    n_nested = math.prod(_state_info(q, "nested_absmax", tensors).shape)
+    n_code = math.prod(_state_info(q, "nested_quant_map", tensors).shape)
     # bitsandbytes' kernel indexes these without bounds checks: sizes must agree first.
-    n_nested = _ceil_div(absmax_u8.numel(), blocksize)
-    if nested_absmax.numel() != n_nested or nested_code.numel() != 256:
+    needed = _ceil_div(n_absmax, blocksize)
+    if n_nested != needed or n_code != 256:
         raise CheckpointError(
-            f"{info.file}: {q.weight!r} has {nested_absmax.numel()} nested_absmax and "
-            f"{nested_code.numel()} nested_quant_map values; {absmax_u8.numel()} absmax bytes "
-            f"with nested_blocksize {blocksize} need {n_nested} and 256. {RESAVE_HINT}"
+            f"{info.file}: {q.weight!r} has {n_nested} nested_absmax and "
+            f"{n_code} nested_quant_map values; {n_absmax} absmax bytes "
+            f"with nested_blocksize {blocksize} need {needed} and 256. {RESAVE_HINT}"
         )
+    return blocksize, float(offset)
+
+
+def _flatten_nested_absmax(
+    q: QuantizedWeight,
+    meta: FourBitMeta,
+    absmax_u8: torch.Tensor,
+    tensors: dict[str, TensorInfo],
+    reader: FileReader,
+) -> torch.Tensor:
+    """Dequantize double-quant absmax to float32 once, at load, with bitsandbytes.
+
+    The offset is read as float32: under a bf16 default dtype a naive
+    `torch.tensor(offset)` rounds it (0.328949 -> 0.328125) and skews every block.
+    """
     state2 = QuantState(
-        absmax=nested_absmax.reshape(-1), code=nested_code.reshape(-1), blocksize=blocksize,
-        dtype=torch.float32,
+        absmax=_state_values(q, "nested_absmax", tensors, reader).reshape(-1),
+        code=_state_values(q, "nested_quant_map", tensors, reader).reshape(-1),
+        blocksize=meta.nested_blocksize, dtype=torch.float32,
     )
     absmax = bnbf.dequantize_blockwise(absmax_u8.reshape(-1), state2)
-    return absmax.float() + torch.tensor(float(offset), dtype=torch.float32)
+    return absmax.float() + torch.tensor(meta.nested_offset, dtype=torch.float32)
 
 
 def _torch_dtype(name: object, q: QuantizedWeight, info: TensorInfo) -> torch.dtype:
