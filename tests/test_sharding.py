@@ -103,3 +103,38 @@ def test_cpu_kernel_repack_is_byte_identical_to_bitsandbytes(quant_type, shape):
     assert torch.equal(got, expected)
     assert torch.equal(got_state.absmax, expected_state.absmax)
     assert got_state.packing_format_for_cpu and got_state.dtype == expected_state.dtype
+
+
+# ------------------------------------------------------------ in-flight quantization
+
+
+def _forget_bitsandbytes_tables():
+    """bitsandbytes caches its 4-bit tables per process, built in whatever default dtype
+    the first call ran under; start from scratch so this test sees the first call."""
+    from bitsandbytes.backends import utils
+    from bitsandbytes.backends.default import ops
+
+    ops._get_4bit_quantize_bounds.cache_clear()
+    utils._code_4bit_cache.clear()
+
+
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+def test_in_flight_quantization_under_a_bf16_default_gives_bitsandbytes_float32_bytes(
+    quant_type,
+):
+    weight = (torch.randn(128, 256, generator=torch.Generator().manual_seed(3)) * 0.05).bfloat16()
+    _forget_bitsandbytes_tables()
+    expected, expected_state = bnbf.quantize_4bit(weight, quant_type=quant_type)
+    _forget_bitsandbytes_tables()
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)  # what vLLM sets while a bf16 model loads
+    try:
+        packed, state = qs.quantize_4bit(weight, quant_type, 64, torch.bfloat16)
+        cb, int8_state = qs.quantize_8bit(weight)
+    finally:
+        torch.set_default_dtype(previous)
+        _forget_bitsandbytes_tables()
+    assert torch.equal(packed, expected.reshape(-1))
+    assert torch.equal(state.absmax, expected_state.absmax)
+    expected_cb, expected_scb, _ = bnbf.int8_vectorwise_quant(weight.half())
+    assert torch.equal(cb, expected_cb) and torch.equal(int8_state.scb, expected_scb)

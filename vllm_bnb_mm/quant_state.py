@@ -7,8 +7,10 @@ order of the logical [out, in] matrix, with one absmax per `blocksize` elements.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -322,30 +324,55 @@ def _with(state: QuantState, absmax: torch.Tensor, shape: tuple[int, int]) -> Qu
     )
 
 
+@contextlib.contextmanager
+def bitsandbytes_float32_default() -> Iterator[None]:
+    """Run bitsandbytes under the float32 default dtype it is written for.
+
+    bitsandbytes builds its 4-bit code tables with `torch.tensor(values)`, i.e. in the
+    default dtype, and caches them per process. vLLM loads weights under the model
+    dtype, so in a bf16 engine NF4's -0.6962 became -0.6953, the quantization bounds
+    moved, and 0.5-1 % of the packed bytes differed from the bytes transformers +
+    bitsandbytes write for the same weight (transformers quantizes under float32).
+    Every quantize and dequantize of ours runs inside this, so the first (cached)
+    table of the process is the float32 one as well."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float32)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(previous)
+
+
 def dequantize_4bit(packed: torch.Tensor, state: QuantState, dtype: torch.dtype) -> torch.Tensor:
-    return bnbf.dequantize_4bit(packed.reshape(-1, 1), state).to(dtype)
+    with bitsandbytes_float32_default():
+        return bnbf.dequantize_4bit(packed.reshape(-1, 1), state).to(dtype)
 
 
 def dequantize_8bit(weight: torch.Tensor, state: Int8State, dtype: torch.dtype) -> torch.Tensor:
-    return bnbf.int8_vectorwise_dequant(weight, state.scb).to(dtype)
+    with bitsandbytes_float32_default():
+        return bnbf.int8_vectorwise_dequant(weight, state.scb).to(dtype)
 
 
 def quantize_4bit(
     weight: torch.Tensor, quant_type: str, blocksize: int, dtype: torch.dtype
 ) -> tuple[torch.Tensor, QuantState]:
     """Quantize a plain weight in flight, with float32 absmax (no double quant: the
-    statistics are flattened at load anyway)."""
-    packed, state = bnbf.quantize_4bit(
-        weight.contiguous(), blocksize=blocksize, quant_type=quant_type,
-        compress_statistics=False,
-    )
+    statistics are flattened at load anyway): the bytes and absmax transformers +
+    bitsandbytes produce for the same weight."""
+    with bitsandbytes_float32_default():
+        packed, state = bnbf.quantize_4bit(
+            weight.contiguous(), blocksize=blocksize, quant_type=quant_type,
+            compress_statistics=False,
+        )
     state.dtype = dtype
     state.absmax = state.absmax.float()
     return packed.reshape(-1), state
 
 
 def quantize_8bit(weight: torch.Tensor) -> tuple[torch.Tensor, Int8State]:
-    cb, scb, _ = bnbf.int8_vectorwise_quant(weight.to(torch.float16).contiguous())
+    """LLM.int8 row quantization as transformers' Int8Params does it (through float16)."""
+    with bitsandbytes_float32_default():
+        cb, scb, _ = bnbf.int8_vectorwise_quant(weight.to(torch.float16).contiguous())
     return cb, Int8State(scb=scb.float())
 
 
