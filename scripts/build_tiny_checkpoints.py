@@ -126,6 +126,15 @@ VARIANTS: dict[str, Variant] = {
         Variant("llama-nf4-dq", "llama", NF4_DQ, ("text",), "nf4 + double quant"),
         Variant("llama-fp4", "llama", FP4, ("text",), "fp4, no double quant"),
         Variant("llama-int8", "llama", INT8, ("text",), "LLM.int8"),
+        # bnb_4bit_quant_storage (FSDP-QLoRA): the same packed bytes labelled BF16 / F32.
+        Variant(
+            "llama-nf4-dq-bf16-storage", "llama", {**NF4_DQ, "bnb_4bit_quant_storage": "bfloat16"},
+            ("text",), "nf4 + double quant, packed bytes stored as bfloat16",
+        ),
+        Variant(
+            "llama-fp4-fp32-storage", "llama", {**FP4, "bnb_4bit_quant_storage": "float32"},
+            ("text",), "fp4, packed bytes stored as float32",
+        ),
         # Hidden 128 / 4 heads / 2 KV heads: tensor-parallel tests at TP=2.
         Variant("llama-wide-nf4-dq", "llama-wide", NF4_DQ, ("text",), "nf4 + dq, TP-sized"),
         Variant("llama-wide-fp4", "llama-wide", FP4, ("text",), "fp4, TP-sized"),
@@ -596,7 +605,7 @@ def check_layout(ckpt_dir: Path, variant: Variant, linears: list[str]) -> dict[s
     header = ref.checkpoint_header(ckpt_dir)
     config = json.loads((ckpt_dir / "config.json").read_text())
     tied = bool(config.get("tie_word_embeddings", False))
-    packed = ref.packed_modules(header)
+    packed = ref.packed_modules(header, _storage_dtype(variant))
     fmt = variant.quant_format
     expected = ref.expected_packed(linears, variant.quantized_groups, fmt or "", tied)
     if packed != expected:
@@ -623,6 +632,12 @@ def check_layout(ckpt_dir: Path, variant: Variant, linears: list[str]) -> dict[s
         "lm_head": "tied" if tied else packed.get("lm_head", "bf16"),
         "num_packed_modules": len(packed),
     }
+
+
+def _storage_dtype(variant: Variant) -> str:
+    """The safetensors dtype of the packed 4-bit weights (bnb_4bit_quant_storage)."""
+    storage = (variant.bnb or {}).get("bnb_4bit_quant_storage", "uint8")
+    return {"uint8": "U8", "bfloat16": "BF16", "float16": "F16", "float32": "F32"}[storage]
 
 
 def _variant_specific_checks(

@@ -24,7 +24,11 @@ TOL_IN_FLIGHT_BF16 = 0.08
 
 @pytest.mark.parametrize(
     "variant,tol",
-    [("llama-nf4-dq", TOL_4BIT), ("llama-fp4", TOL_4BIT), ("llama-int8", TOL_8BIT)],
+    [
+        ("llama-nf4-dq", TOL_4BIT), ("llama-fp4", TOL_4BIT), ("llama-int8", TOL_8BIT),
+        # bnb_4bit_quant_storage: the packed bytes stored as bf16 / fp32 (FSDP-QLoRA)
+        ("llama-nf4-dq-bf16-storage", TOL_4BIT), ("llama-fp4-fp32-storage", TOL_4BIT),
+    ],
 )
 def test_prequantized_llama_matches_hf(tiny, variant, tol):
     ckpt = tiny[variant]

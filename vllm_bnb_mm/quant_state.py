@@ -189,13 +189,15 @@ def _check_4bit_meta(
             f"{info.file}: {q.weight!r} has an invalid shape {_short(shape)} in its "
             f"quant-state JSON. {RESAVE_HINT}"
         )
-    packed = math.prod(info.shape)
+    packed = math.prod(info.shape) * info.dtype.itemsize
     needed = _ceil_div(math.prod(shape), 2)
     if packed != needed:
+        # bnb_4bit_quant_storage relabels the bytes; a cast of the values changes the count.
+        stored = "" if info.dtype == torch.uint8 else f" as {info.dtype}{list(info.shape)}"
         raise CheckpointError(
-            f"{info.file}: packed weight {q.weight!r} holds {packed} bytes but its quant "
-            f"state shape {_short(shape)} needs {_short(needed)}: the JSON shape does not "
-            f"match the data. {RESAVE_HINT}"
+            f"{info.file}: packed weight {q.weight!r} holds {packed} bytes{stored} but its "
+            f"quant state shape {_short(shape)} needs {_short(needed)}: the JSON shape does "
+            f"not match the data. {RESAVE_HINT}"
         )
     return tuple(shape), blocksize
 
