@@ -333,3 +333,30 @@ def test_cuts_inside_quant_blocks_give_each_rank_its_exact_slice(
     else:
         got = _reassemble_columns(outs, shards)
     torch.testing.assert_close(got, expected, rtol=2e-2, atol=2e-2)
+
+
+# ------------------------------------------------------------ fused on disk, with TP
+
+# q/k/v (or gate/up) stored as one tensor (Phi-3's qkv_proj, gate_up_proj): each rank
+# takes its rows of every logical shard out of the one packed tensor.
+FUSED_ON_DISK = {
+    "qkv": (LAYERS["qkv"][0], [("qkv", None, (HEADS + 2 * KV_HEADS) * HEAD, HIDDEN)],
+            LAYERS["qkv"][1]),
+    "gate_up": (LAYERS["gate_up"][0], [("gate_up", None, 2 * INTER, HIDDEN)],
+                LAYERS["gate_up"][1]),
+}
+
+
+@pytest.mark.parametrize("quant_name", list(QUANTS))
+@pytest.mark.parametrize("layer_kind", list(FUSED_ON_DISK))
+def test_shards_fused_on_disk_split_across_two_ranks(tmp_path, monkeypatch, layer_kind,
+                                                     quant_name):
+    quant = QUANTS[quant_name]
+    make, on_disk, logical = FUSED_ON_DISK[layer_kind]
+    path, _ = _checkpoint(tmp_path, quant, on_disk)
+    full = _build_and_load(make, on_disk, path, quant)
+    ranks = [_build_and_load(make, on_disk, path, quant, (r, 2), monkeypatch) for r in (0, 1)]
+    assert all(r.weight.numel() * 2 == full.weight.numel() for r in ranks)
+    x = torch.randn(3, HIDDEN, generator=torch.Generator().manual_seed(2)).to(torch.bfloat16)
+    got = _reassemble_columns([_forward(r, x).float() for r in ranks], logical)
+    torch.testing.assert_close(got, _forward(full, x).float(), rtol=2e-2, atol=2e-2)

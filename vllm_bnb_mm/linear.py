@@ -118,33 +118,44 @@ def _make_weight_loader(layer: torch.nn.Module, config: BnbConfig, kind: str):
 
 
 def _shard_rows(layer, shard_id) -> list[tuple[tuple[int, int], tuple[int, int] | None]]:
-    """(local rows to fill, rows to take from the loaded tensor or None for all)."""
+    """(local rows to fill, rows to take from the loaded tensor or None for all), one
+    pair per logical shard the loaded tensor holds."""
     tp_rank, tp_size = getattr(layer, "tp_rank", 0), getattr(layer, "tp_size", 1)
     split = tp_size > 1 and isinstance(layer, ColumnParallelLinear)
-    if isinstance(layer, QKVParallelLinear) and shard_id is not None:
-        offset = layer._get_shard_offset_mapping(shard_id)
-        size = layer._get_shard_size_mapping(shard_id)
-        if offset is None or size is None:
-            raise ValueError(f"unknown qkv shard id {shard_id!r} for {layer.bnb_prefix}")
-        rank = tp_rank if shard_id == "q" else tp_rank // layer.num_kv_head_replicas
-        src = (rank * size, (rank + 1) * size) if split else None
-        return [((offset, offset + size), src)]
-    if isinstance(layer, MergedColumnParallelLinear) and shard_id is not None:
-        ids = list(shard_id) if isinstance(shard_id, tuple) else [shard_id]
-        start = sum(layer.output_sizes[: ids[0]]) // tp_size
-        size = sum(layer.output_sizes[ids[0] : ids[-1] + 1]) // tp_size
-        if len(ids) > 1 and split:
-            raise NotImplementedError(
-                f"{layer.bnb_prefix}: shards {shard_id} fused on disk, with tensor parallelism"
-            )
-        src = (tp_rank * size, (tp_rank + 1) * size) if split else None
-        return [((start, start + size), src)]
+    if isinstance(layer, QKVParallelLinear) and (shard_id is not None or split):
+        # shard_id None: q, k and v fused on disk (e.g. Phi-3's qkv_proj), in that order
+        head, kv = layer.head_size, layer.total_num_kv_heads
+        on_disk = {"q": 0, "k": layer.total_num_heads * head,
+                   "v": (layer.total_num_heads + kv) * head}
+        pairs = []
+        for sid in ("q", "k", "v") if shard_id is None else (shard_id,):
+            offset = layer._get_shard_offset_mapping(sid)
+            size = layer._get_shard_size_mapping(sid)
+            if offset is None or size is None:
+                raise ValueError(f"unknown qkv shard id {sid!r} for {layer.bnb_prefix}")
+            rank = tp_rank if sid == "q" else tp_rank // layer.num_kv_head_replicas
+            base = on_disk[sid] if shard_id is None else 0
+            src = (base + rank * size, base + (rank + 1) * size) if split else None
+            pairs.append(((offset, offset + size), src))
+        return pairs
+    if isinstance(layer, MergedColumnParallelLinear) and (shard_id is not None or split):
+        # a tuple or None: several shards fused on disk (e.g. Phi-3's gate_up_proj)
+        if shard_id is None:
+            ids = list(range(len(layer.output_sizes)))
+        else:
+            ids = list(shard_id) if isinstance(shard_id, tuple) else [shard_id]
+        if not split:
+            start = sum(layer.output_sizes[: ids[0]])
+            size = sum(layer.output_sizes[ids[0] : ids[-1] + 1])
+            return [((start, start + size), None)]
+        pairs = []
+        for i in ids:
+            start = sum(layer.output_sizes[:i]) // tp_size
+            size = layer.output_sizes[i] // tp_size
+            base = sum(layer.output_sizes[ids[0] : i]) + tp_rank * size  # shard i on disk
+            pairs.append(((start, start + size), (base, base + size)))
+        return pairs
     rows = layer.bnb_out_features
-    if split and len(getattr(layer, "output_sizes", [rows])) > 1:
-        raise NotImplementedError(
-            f"{layer.bnb_prefix}: a fused-on-disk weight for a stacked layer, with tensor "
-            "parallelism"
-        )
     return [((0, rows), (tp_rank * rows, (tp_rank + 1) * rows) if split else None)]
 
 
