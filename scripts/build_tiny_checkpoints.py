@@ -126,10 +126,25 @@ VARIANTS: dict[str, Variant] = {
         Variant("llama-nf4-dq", "llama", NF4_DQ, ("text",), "nf4 + double quant"),
         Variant("llama-fp4", "llama", FP4, ("text",), "fp4, no double quant"),
         Variant("llama-int8", "llama", INT8, ("text",), "LLM.int8"),
+        # bnb_4bit_quant_storage (FSDP-QLoRA): the same packed bytes labelled BF16 / F32.
+        Variant(
+            "llama-nf4-dq-bf16-storage", "llama", {**NF4_DQ, "bnb_4bit_quant_storage": "bfloat16"},
+            ("text",), "nf4 + double quant, packed bytes stored as bfloat16",
+        ),
+        Variant(
+            "llama-fp4-fp32-storage", "llama", {**FP4, "bnb_4bit_quant_storage": "float32"},
+            ("text",), "fp4, packed bytes stored as float32",
+        ),
         # Hidden 128 / 4 heads / 2 KV heads: tensor-parallel tests at TP=2.
         Variant("llama-wide-nf4-dq", "llama-wide", NF4_DQ, ("text",), "nf4 + dq, TP-sized"),
         Variant("llama-wide-fp4", "llama-wide", FP4, ("text",), "fp4, TP-sized"),
         Variant("llama-wide-int8", "llama-wide", INT8, ("text",), "LLM.int8, TP-sized"),
+        # TP=2 cuts inside 64-element blocks: o_proj (2 heads x 32) and down_proj (192) are
+        # cut at columns 32 and 96.
+        Variant("llama-tp-cut-nf4-dq", "llama-tp-cut", NF4_DQ, ("text",),
+                "nf4 + dq, row-parallel TP=2 cuts inside quant blocks"),
+        Variant("llama-tp-cut-fp4", "llama-tp-cut", FP4, ("text",),
+                "fp4, row-parallel TP=2 cuts inside quant blocks"),
         Variant("gemma4-bf16", "gemma4", description="unquantized"),
         Variant(
             "gemma4-nf4-dq",
@@ -311,19 +326,24 @@ def llama_tokenizer() -> LlamaTokenizer:
 VISION_SOFT_TOKENS = 70  # vLLM: vision_config.default_output_length == processor max_soft_tokens
 
 
-def llama_config(tokenizer: LlamaTokenizer, wide: bool = False) -> LlamaConfig:
+def llama_config(
+    tokenizer: LlamaTokenizer, wide: bool = False, overrides: tuple[tuple[str, Any], ...] = ()
+) -> LlamaConfig:
+    sizes = {
+        "hidden_size": 128 if wide else 64,
+        "intermediate_size": 256 if wide else 128,
+        "num_attention_heads": 4 if wide else 2,
+        "num_key_value_heads": 2 if wide else 1,
+    }
     return LlamaConfig(
         vocab_size=VOCAB_SIZE,
-        hidden_size=128 if wide else 64,
-        intermediate_size=256 if wide else 128,
         num_hidden_layers=2,
-        num_attention_heads=4 if wide else 2,
-        num_key_value_heads=2 if wide else 1,
         head_dim=32,
         max_position_embeddings=1024,
         tie_word_embeddings=False,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
+        **(sizes | dict(overrides)),
     )
 
 
@@ -495,6 +515,7 @@ class Base:
     k_eq_v: bool = False
     audio: bool = False
     wide: bool = False  # llama: sizes whose TP=2 cuts align with 64-element quant blocks
+    llama_overrides: tuple[tuple[str, Any], ...] = ()  # llama: LlamaConfig sizes
 
 
 GEMMA4_NORM_GAINS = (
@@ -525,6 +546,15 @@ BASES: dict[str, Base] = {
         tied=False,
         wide=True,
     ),
+    # Every full layer meets bitsandbytes' CPU kernel constraints (in % 64, out % 32); at
+    # TP=2 a rank's o_proj input is 32 columns and its down_proj input 96, both inside
+    # 64-element blocks. Two KV heads, so k/v are cut too.
+    "llama-tp-cut": Base(
+        "llama",
+        InitScales(seed=1003, embed_std=1.0, norm_gains=(("model.norm", 2.0),)),
+        tied=False,
+        llama_overrides=(("intermediate_size", 192), ("num_key_value_heads", 2)),
+    ),
     "gemma4": Base("gemma4", _gemma4_scales(2001)),
     "gemma4-untied": Base("gemma4", _gemma4_scales(2002), tied=False),
     "gemma4-keqv": Base("gemma4", _gemma4_scales(2003), k_eq_v=True),
@@ -537,7 +567,7 @@ def save_base(base: Base, out: Path) -> None:
     torch.manual_seed(base.scales.seed)
     if base.family == "llama":
         tokenizer = llama_tokenizer()
-        model = LlamaForCausalLM(llama_config(tokenizer, base.wide))
+        model = LlamaForCausalLM(llama_config(tokenizer, base.wide, base.llama_overrides))
         saver: Any = tokenizer
         eos = [tokenizer.eos_token_id]
     else:
@@ -596,7 +626,7 @@ def check_layout(ckpt_dir: Path, variant: Variant, linears: list[str]) -> dict[s
     header = ref.checkpoint_header(ckpt_dir)
     config = json.loads((ckpt_dir / "config.json").read_text())
     tied = bool(config.get("tie_word_embeddings", False))
-    packed = ref.packed_modules(header)
+    packed = ref.packed_modules(header, _storage_dtype(variant))
     fmt = variant.quant_format
     expected = ref.expected_packed(linears, variant.quantized_groups, fmt or "", tied)
     if packed != expected:
@@ -623,6 +653,12 @@ def check_layout(ckpt_dir: Path, variant: Variant, linears: list[str]) -> dict[s
         "lm_head": "tied" if tied else packed.get("lm_head", "bf16"),
         "num_packed_modules": len(packed),
     }
+
+
+def _storage_dtype(variant: Variant) -> str:
+    """The safetensors dtype of the packed 4-bit weights (bnb_4bit_quant_storage)."""
+    storage = (variant.bnb or {}).get("bnb_4bit_quant_storage", "uint8")
+    return {"uint8": "U8", "bfloat16": "BF16", "float16": "F16", "float32": "F32"}[storage]
 
 
 def _variant_specific_checks(

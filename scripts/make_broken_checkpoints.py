@@ -113,6 +113,13 @@ def _bf16_storage(t: Tensors) -> Tensors:
     return t
 
 
+def _bf16_cast_packed(t: Tensors) -> Tensors:
+    # The packed byte values converted to bf16 numbers (a careless `.to(bfloat16)` over a
+    # state dict): twice the bytes, none of them the packed nibbles any more.
+    t[WEIGHT] = t[WEIGHT].to(torch.bfloat16)
+    return t
+
+
 def _flatten_absmax(t: Tensors, name: str) -> torch.Tensor:
     """float32 absmax of a double-quantized weight, dequantized with bitsandbytes."""
     meta = _meta(t, f"{name}.quant_state.bitsandbytes__nf4")
@@ -212,8 +219,10 @@ CASES: dict[str, Case] = {c.name: c for c in [
          loads=True, tensors=_fp16_absmax()),
     Case("fp16-absmax-overflow", "4bit", f"float16 absmax of {WEIGHT} overflowed to inf",
          tensors=_fp16_absmax(scale_weight=1e6)),
-    Case("bf16-quant-storage", "4bit", f"{WEIGHT} stored as BF16 instead of U8",
-         tensors=_bf16_storage),
+    Case("bf16-quant-storage", "4bit", f"{WEIGHT}'s bytes stored as BF16 (loads, as "
+         "bnb_4bit_quant_storage=bfloat16 writes them)", loads=True, tensors=_bf16_storage),
+    Case("bf16-cast-packed", "4bit", f"{WEIGHT}'s packed values cast to BF16",
+         tensors=_bf16_cast_packed),
     Case("config-no-load-in", "4bit", "quantization_config without load_in_4bit/8bit",
          config=_drop_load_in),
     Case("config-contradicts", "4bit", "quantization_config says load_in_8bit, tensors 4-bit",

@@ -382,14 +382,15 @@ def checkpoint_header(ckpt_dir: Path) -> dict[str, dict[str, Any]]:
     return header
 
 
-def packed_modules(header: dict[str, dict[str, Any]]) -> dict[str, str]:
-    """Module name -> "nf4" | "fp4" | "int8" for every Linear stored in BnB packed form."""
+def packed_modules(header: dict[str, dict[str, Any]], storage: str = "U8") -> dict[str, str]:
+    """Module name -> "nf4" | "fp4" | "int8" for every Linear stored in BnB packed form
+    (4-bit bytes stored as `storage`, the safetensors name of bnb_4bit_quant_storage)."""
     packed: dict[str, str] = {}
     marker = ".weight.quant_state.bitsandbytes__"
     for key in header:
         if marker in key:
             module, fmt = key.split(marker)
-            expect_dtype(header, f"{module}.weight", "U8")
+            expect_dtype(header, f"{module}.weight", storage)
             packed[module] = fmt
         elif key.endswith(".SCB"):
             module = key.removesuffix(".SCB")

@@ -64,15 +64,22 @@ class EngineFailed(RuntimeError):
 
 def run_llm(
     model: str, prompts: list[list[int]], max_tokens: int = 8, env: dict | None = None,
-    timeout: float = 600, **llm_kwargs,
+    timeout: float = 600, bnb_layers_out: str | None = None, **llm_kwargs,
 ) -> list[dict]:
-    """Prompt logprobs, top-10 first-token logprobs and greedy tokens from `vllm.LLM`."""
+    """Prompt logprobs, top-10 first-token logprobs and greedy tokens from `vllm.LLM`;
+    with `bnb_layers_out`, every BnB layer's packed weight and quant state as the running
+    engine holds them is saved there too (tests/run_llm.py bnb_layer_contents)."""
     spec = {
         "model": model,
         "llm_kwargs": {**ENGINE_KWARGS, **llm_kwargs},
         "prompts": prompts,
         "max_tokens": max_tokens,
+        "bnb_layers_out": bnb_layers_out,
     }
+    if bnb_layers_out:
+        # The workers unpickle a function of tests/run_llm.py.
+        path = os.pathsep.join(p for p in (str(HERE), os.environ.get("PYTHONPATH")) if p)
+        env = {**(env or {}), "VLLM_ALLOW_INSECURE_SERIALIZATION": "1", "PYTHONPATH": path}
     proc = subprocess.Popen(
         [sys.executable, str(HERE / "run_llm.py"), json.dumps(spec)],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,

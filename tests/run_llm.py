@@ -2,13 +2,37 @@
 
 Tests call this in a subprocess so every engine starts and dies cleanly:
     python tests/run_llm.py SPEC_JSON  ->  stdout last line: {"results": [...]}
-SPEC: {"model": path, "llm_kwargs": {...}, "prompts": [[token ids]...], "max_tokens": n}
+SPEC: {"model": path, "llm_kwargs": {...}, "prompts": [[token ids]...], "max_tokens": n,
+       "bnb_layers_out": optional path: torch.save of every BnB layer as the engine holds it}
 """
 
 from __future__ import annotations
 
 import json
 import sys
+
+
+def bnb_layer_contents(model) -> dict:
+    """Runs inside the worker: each BnB layer's weight tensor as the engine holds it, and
+    the quant state of each part (packed layout as used by the forward)."""
+    layers = {}
+    for name, module in model.named_modules():
+        parts = getattr(module, "bnb_parts", None)
+        if parts is None:
+            continue
+        layers[name] = {
+            "weight": module.weight.data.clone(),
+            "parts": [
+                {
+                    "start": start, "end": end, "absmax": state.absmax.clone(),
+                    "shape": list(state.shape), "blocksize": state.blocksize,
+                    "quant_type": state.quant_type,
+                    "cpu_packed": bool(getattr(state, "packing_format_for_cpu", False)),
+                }
+                for start, end, state in parts
+            ],
+        }
+    return layers
 
 
 def main() -> None:
@@ -37,6 +61,12 @@ def main() -> None:
             ),
             "greedy_token_ids": list(completion.token_ids),
         })
+    if spec.get("bnb_layers_out"):
+        import run_llm  # by module name, so the workers can unpickle the function
+        import torch
+
+        [layers] = llm.apply_model(run_llm.bnb_layer_contents)
+        torch.save(layers, spec["bnb_layers_out"])
     print(json.dumps({"results": results}))
 
 

@@ -42,6 +42,7 @@ from vllm_bnb_mm.config import BnbConfig
 from vllm_bnb_mm.loader import (
     BnbModelLoader,
     check_packed_tensors_loaded,
+    checkpoint_weights,
     parse_quant_states,
     safetensors_files,
 )
@@ -67,7 +68,7 @@ EXPECTED_ERRORS = {
     "packed-size-mismatch": (WEIGHT, "shape [64, 128] needs 4096", RESAVE),
     "int8-missing-scb": (MODULE + ".SCB", "missing its row scales", RESAVE),
     "fp16-absmax-overflow": (WEIGHT + ".absmax", "non-finite", "keep absmax float32"),
-    "bf16-quant-storage": (WEIGHT, "stored as torch.bfloat16", "bnb_4bit_quant_storage='uint8'"),
+    "bf16-cast-packed": (WEIGHT, "holds 4096 bytes as torch.bfloat16[2048, 1]", RESAVE),
     "config-no-load-in": (".weight'", "neither load_in_4bit nor load_in_8bit",
                           '"load_in_4bit": true'),
     "config-contradicts": (".weight'", "says 8bit", "fix load_in_4bit/load_in_8bit"),
@@ -139,6 +140,30 @@ def test_fp16_absmax_loads_upcast_exactly_with_a_warning(broken, tiny, monkeypat
         assert state.absmax.dtype == torch.float32
         torch.testing.assert_close(state.absmax, original[name].absmax.half().float())
         torch.testing.assert_close(state.absmax, original[name].absmax, rtol=2**-10, atol=0)
+
+
+def test_packed_bytes_stored_as_bf16_load_as_the_same_bytes(broken, tiny):
+    """bnb_4bit_quant_storage=bfloat16 relabels the packed bytes: they load as exactly
+    the uint8 checkpoint's bytes and quant state."""
+    ckpt = broken("bf16-quant-storage")
+    states = pre_model_load(ckpt)
+    original = pre_model_load(tiny["llama-nf4-dq"])
+    for name, state in states.items():
+        assert torch.equal(state.absmax, original[name].absmax), name
+    got = _yielded(ckpt, states)
+    expected = _yielded(tiny["llama-nf4-dq"], original)
+    assert got.keys() == expected.keys()
+    for name, tensor in got.items():
+        assert tensor.dtype == expected[name].dtype and torch.equal(tensor, expected[name]), name
+
+
+def _yielded(ckpt: Path, states: dict) -> dict[str, torch.Tensor]:
+    layout = scan_checkpoint(safetensors_files(str(ckpt)))
+    PACKED.reset()
+    try:
+        return {n: t.clone() for n, t in checkpoint_weights(layout, states, FileReader())}
+    finally:
+        PACKED.reset()
 
 
 # ------------------------------------------------------------ pickles

@@ -5,6 +5,7 @@ import torch
 from bitsandbytes import functional as bnbf
 
 from bnb_files import packed_4bit_tensors, packed_8bit_tensors, write
+from vllm_bnb_mm import quant_state as qs
 from vllm_bnb_mm.checkpoint import (
     CheckpointError,
     FileReader,
@@ -122,3 +123,49 @@ def test_file_reader_reads_each_file_once(tmp_path, monkeypatch):
     for info in layout.tensors.values():
         reader.tensor(info)
     assert len(opened) == 1
+
+
+# ------------------------------------------------------------ bnb_4bit_quant_storage
+
+
+@pytest.mark.parametrize("double_quant", [True, False])
+@pytest.mark.parametrize("storage", ["bfloat16", "float16", "float32"])
+def test_quant_storage_checkpoints_load_the_weights_transformers_computes_with(
+    tiny, tmp_path, storage, double_quant
+):
+    """transformers + bitsandbytes with bnb_4bit_quant_storage != uint8 (FSDP-QLoRA)
+    store the packed bytes as that dtype: every weight we load dequantizes to exactly
+    what the HF model itself dequantizes."""
+    import bitsandbytes as bnb
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    from vllm_bnb_mm.loader import checkpoint_weights, parse_quant_states
+    from vllm_bnb_mm.registry import PACKED
+
+    config = BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=double_quant,
+        bnb_4bit_compute_dtype=torch.bfloat16, bnb_4bit_quant_storage=getattr(torch, storage),
+    )
+    AutoModelForCausalLM.from_pretrained(
+        tiny["llama-bf16"], quantization_config=config, dtype=torch.bfloat16
+    ).save_pretrained(tmp_path)
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.bfloat16)
+    expected = {
+        f"{name}.weight": bnbf.dequantize_4bit(m.weight.data, m.weight.quant_state)
+        for name, m in hf.named_modules() if isinstance(m, bnb.nn.Linear4bit)
+    }
+    layout = scan_checkpoint([str(tmp_path / "model.safetensors")])
+    assert {layout.tensors[n].dtype for n in layout.quantized} == {getattr(torch, storage)}
+    reader = FileReader()
+    states = parse_quant_states(layout, reader)
+    PACKED.reset()
+    try:
+        got = {
+            name: qs.dequantize_4bit(tensor, states[name], expected[name].dtype)
+            for name, tensor in checkpoint_weights(layout, states, reader) if name in states
+        }
+    finally:
+        PACKED.reset()
+    assert got.keys() == expected.keys() and len(got) == 14
+    for name, weight in got.items():
+        assert torch.equal(weight.reshape(expected[name].shape), expected[name]), name

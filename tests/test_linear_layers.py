@@ -8,6 +8,7 @@ tensor-parallel ranks and their outputs reassembled must equal the unsharded out
 
 from __future__ import annotations
 
+import copy
 import os
 
 import bitsandbytes as bnb
@@ -25,6 +26,7 @@ from vllm.model_executor.layers.linear import (
 )
 
 from bnb_files import packed_4bit_tensors, packed_8bit_tensors, write
+from vllm_bnb_mm import quant_state as qs
 from vllm_bnb_mm.checkpoint import FileReader, scan_checkpoint
 from vllm_bnb_mm.config import BnbConfig
 from vllm_bnb_mm.loader import checkpoint_weights, parse_quant_states
@@ -98,7 +100,7 @@ def _checkpoint(tmp_path, quant, shards):
     return write(tmp_path / "ckpt.safetensors", tensors), tensors
 
 
-def _build_and_load(make, shards, path, quant, tp=(0, 1), monkeypatch=None):
+def _build_and_load(make, shards, path, quant, tp=(0, 1), monkeypatch=None, finalize=True):
     if monkeypatch is not None:
         monkeypatch.setattr(vllm_linear, "get_tensor_model_parallel_rank", lambda: tp[0])
         monkeypatch.setattr(vllm_linear, "get_tensor_model_parallel_world_size", lambda: tp[1])
@@ -116,7 +118,8 @@ def _build_and_load(make, shards, path, quant, tp=(0, 1), monkeypatch=None):
                 layer.weight.weight_loader(layer.weight, tensor)
             else:
                 layer.weight.weight_loader(layer.weight, tensor, sid)
-    layer.quant_method.process_weights_after_loading(layer)
+    if finalize:
+        layer.quant_method.process_weights_after_loading(layer)
     return layer
 
 
@@ -198,3 +201,162 @@ def test_two_tensor_parallel_ranks_reassemble_the_unsharded_output(
     else:
         got = _reassemble_columns([_forward(r, x).float() for r in ranks], shards)
     torch.testing.assert_close(got, expected, rtol=2e-2, atol=2e-2)
+
+
+# ------------------------------------------------------------ cuts inside quant blocks
+
+# Layers whose two-rank cuts fall inside 64-element blocks: (constructor, shards, the
+# layout each rank ends up with). "packed": re-expressed with 32-element blocks, still
+# 4-bit; "dequantized": no blocksize fits the cut, the rank computes in the compute dtype.
+CUT_LAYERS = {
+    # o_proj of 2 heads x 32: each rank takes 32 of every 64-element block (CPU kernel)
+    "row-32": (
+        lambda cfg: RowParallelLinear(64, 128, bias=False, quant_config=cfg, prefix="l.o_proj"),
+        [("o", None, 128, 64)], "packed",
+    ),
+    # down_proj of 192: 96 columns a rank
+    "row-96": (
+        lambda cfg: RowParallelLinear(192, 64, bias=False, quant_config=cfg, prefix="l.down"),
+        [("down", None, 64, 192)], "packed",
+    ),
+    # 2 heads x 80: the cut at column 80 is a multiple of 16 only
+    "row-80": (
+        lambda cfg: RowParallelLinear(160, 96, bias=False, quant_config=cfg, prefix="l.o80"),
+        [("o80", None, 96, 160)], "dequantized",
+    ),
+    # q/k/v of 2 heads x 80 over a 90-wide input: a rank's q rows start at element
+    # 80 x 90 = 7200 (32 x 225); rows of 90 are not whole blocks, so on the CPU the rank
+    # then computes dequantized (see _finalize_4bit)
+    "qkv-80": (
+        lambda cfg: QKVParallelLinear(90, 80, 2, 2, bias=False, quant_config=cfg,
+                                      prefix="l.qkv80"),
+        [("q", "q", 160, 90), ("k", "k", 160, 90), ("v", "v", 160, 90)], "cpu-dequantized",
+    ),
+    # gate/up of 2 x 162 over 96: a rank's 81 rows start at element 81 x 96 (32 x 243);
+    # the unsharded layer's rows of 96 are not whole 64-blocks, which bitsandbytes' CPU
+    # kernel mis-indexes (dequantized on the CPU, see _finalize_4bit)
+    "gate_up-81": (
+        lambda cfg: MergedColumnParallelLinear(96, [162, 162], bias=False, quant_config=cfg,
+                                               prefix="l.gate_up81"),
+        [("gate", 0, 162, 96), ("up", 1, 162, 96)], "packed",
+    ),
+    # 80 rows over 90: the rank-1 rows start at element 3600 = 16 x 225
+    "column-40": (
+        lambda cfg: ColumnParallelLinear(90, 80, bias=False, quant_config=cfg, prefix="l.c40"),
+        [("c40", None, 80, 90)], "dequantized",
+    ),
+}
+
+CUT_QUANTS = {**{k: QUANTS[k] for k in ("nf4-dq", "fp4")}, "in-flight": dict(kind="plain")}
+
+
+def _cut_checkpoint(tmp_path, quant, shards):
+    """Checkpoint tensors and, per shard, the dense weight bitsandbytes computes with
+    (blocks over the flattened weight): the packed one dequantized, or for in flight
+    the plain one quantized as transformers does (nf4, blocksize 64) and dequantized."""
+    g = torch.Generator().manual_seed(11)
+    tensors, dense = {}, {}
+    for name, _, rows, cols in shards:
+        w = torch.randn(rows, cols, generator=g) * 0.05
+        if quant["kind"] == "plain":
+            tensors[f"{name}.weight"] = w.bfloat16()
+            packed, state = bnbf.quantize_4bit(w.bfloat16(), quant_type="nf4")
+        else:
+            shard = packed_4bit_tensors(name, w, quant["quant_type"], quant["double_quant"])
+            tensors |= shard
+            packed, state = shard[f"{name}.weight"], bnbf.QuantState.from_dict(
+                {k.removeprefix(f"{name}.weight."): v for k, v in shard.items()
+                 if k.startswith(f"{name}.weight.")}, device=torch.device("cpu"),
+            )
+        flat = copy.copy(state)  # blocks over the flattened weight (see qs.dequantize_4bit)
+        flat.shape, flat.dtype = torch.Size([rows * cols]), torch.float32
+        dense[name] = bnbf.dequantize_4bit(packed.reshape(-1, 1), flat).reshape(rows, cols)
+    return write(tmp_path / "ckpt.safetensors", tensors), dense
+
+
+def _rank_rows(layer, shards, dense, rank, tp):
+    """Each shard's rows of this rank, from the dense full weights: what the rank must
+    compute with, bit for bit."""
+    pieces = []
+    for name, _, rows, cols in shards:
+        w = dense[name]
+        if isinstance(layer, RowParallelLinear):
+            step = cols // tp
+            pieces.append(w[:, rank * step : (rank + 1) * step])
+        else:
+            step = rows // tp
+            pieces.append(w[rank * step : (rank + 1) * step])
+    return torch.cat(pieces)
+
+
+def _loaded_rows(layer) -> torch.Tensor:
+    """The rank's weight as loaded (before the forward's own layout), dequantized."""
+    in_features = layer.bnb_in_features
+    out = []
+    for r in sorted(layer.weight.bnb_regions, key=lambda r: r.start):
+        if r.plain is not None:
+            out.append(r.plain.float())
+            continue
+        data = layer.weight.data[r.start * in_features // 2 : r.end * in_features // 2]
+        out.append(qs.dequantize_4bit(data, r.state, torch.float32).reshape(-1, in_features))
+    return torch.cat(out)
+
+
+@pytest.mark.parametrize("quant_name", list(CUT_QUANTS))
+@pytest.mark.parametrize("layer_kind", list(CUT_LAYERS))
+def test_cuts_inside_quant_blocks_give_each_rank_its_exact_slice(
+    tmp_path, monkeypatch, layer_kind, quant_name
+):
+    quant = {**CUT_QUANTS[quant_name], "kind": "4bit"}
+    make, shards, layout = CUT_LAYERS[layer_kind]
+    path, dense = _cut_checkpoint(tmp_path, CUT_QUANTS[quant_name], shards)
+    full = _build_and_load(make, shards, path, quant)
+    x = torch.randn(3, shards[0][3], generator=torch.Generator().manual_seed(2))
+    expected = _forward(full, x).float()
+    outs = []
+    for rank in (0, 1):
+        layer = _build_and_load(make, shards, path, quant, (rank, 2), monkeypatch,
+                                finalize=False)
+        assert torch.equal(_loaded_rows(layer), _rank_rows(layer, shards, dense, rank, 2))
+        layer.quant_method.process_weights_after_loading(layer)
+        dequantized = layout == "dequantized" or (
+            layout == "cpu-dequantized" and layer.weight.device.type == "cpu"
+        )
+        assert (layer.bnb_kind == "dequantized") == dequantized, layer.bnb_kind
+        assert dequantized or layer.weight.dtype == torch.uint8
+        if layer_kind == "row-32":  # the CPU fused kernel at blocksize 32 where it exists
+            assert layer.bnb_parts[0][2].blocksize == 32
+        xr = x[:, rank * x.shape[-1] // 2 : (rank + 1) * x.shape[-1] // 2]
+        outs.append(_forward(layer, xr if isinstance(layer, RowParallelLinear) else x).float())
+    if isinstance(full, RowParallelLinear):
+        got = outs[0] + outs[1]
+    else:
+        got = _reassemble_columns(outs, shards)
+    torch.testing.assert_close(got, expected, rtol=2e-2, atol=2e-2)
+
+
+# ------------------------------------------------------------ fused on disk, with TP
+
+# q/k/v (or gate/up) stored as one tensor (Phi-3's qkv_proj, gate_up_proj): each rank
+# takes its rows of every logical shard out of the one packed tensor.
+FUSED_ON_DISK = {
+    "qkv": (LAYERS["qkv"][0], [("qkv", None, (HEADS + 2 * KV_HEADS) * HEAD, HIDDEN)],
+            LAYERS["qkv"][1]),
+    "gate_up": (LAYERS["gate_up"][0], [("gate_up", None, 2 * INTER, HIDDEN)],
+                LAYERS["gate_up"][1]),
+}
+
+
+@pytest.mark.parametrize("quant_name", list(QUANTS))
+@pytest.mark.parametrize("layer_kind", list(FUSED_ON_DISK))
+def test_shards_fused_on_disk_split_across_two_ranks(tmp_path, monkeypatch, layer_kind,
+                                                     quant_name):
+    quant = QUANTS[quant_name]
+    make, on_disk, logical = FUSED_ON_DISK[layer_kind]
+    path, _ = _checkpoint(tmp_path, quant, on_disk)
+    full = _build_and_load(make, on_disk, path, quant)
+    ranks = [_build_and_load(make, on_disk, path, quant, (r, 2), monkeypatch) for r in (0, 1)]
+    assert all(r.weight.numel() * 2 == full.weight.numel() for r in ranks)
+    x = torch.randn(3, HIDDEN, generator=torch.Generator().manual_seed(2)).to(torch.bfloat16)
+    got = _reassemble_columns([_forward(r, x).float() for r in ranks], logical)
+    torch.testing.assert_close(got, _forward(full, x).float(), rtol=2e-2, atol=2e-2)

@@ -5,15 +5,17 @@ sharded matmuls must reassemble the unsharded output."""
 import pytest
 import torch
 from bitsandbytes import functional as bnbf
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from vllm_bnb_mm import quant_state as qs
 
 
-def _packed(rows, cols, quant_type, double_quant, seed=0):
+def _packed(rows, cols, quant_type, double_quant, seed=0, blocksize=64):
     g = torch.Generator().manual_seed(seed)
     w = torch.randn(rows, cols, generator=g) * 0.05
     packed, state = bnbf.quantize_4bit(
-        w, quant_type=quant_type, compress_statistics=double_quant
+        w, quant_type=quant_type, compress_statistics=double_quant, blocksize=blocksize
     )
     if double_quant:  # what the loader does at parse time
         absmax = bnbf.dequantize_blockwise(state.absmax, state.state2) + state.offset
@@ -22,7 +24,11 @@ def _packed(rows, cols, quant_type, double_quant, seed=0):
 
 
 def _dequant(packed, state):
-    return bnbf.dequantize_4bit(packed.reshape(-1, 1), state)
+    """bitsandbytes' dequantization, blocks over the flattened weight (given a 1-D
+    shape: its CPU kernel restarts blocks at each row of a 2-D one, wrongly where rows
+    are not whole blocks)."""
+    flat = qs._with(state, state.absmax, (state.shape.numel(),))
+    return bnbf.dequantize_4bit(packed.reshape(-1, 1), flat).reshape(state.shape)
 
 
 CASES = [(q, dq) for q in ("nf4", "fp4") for dq in (True, False)]
@@ -73,10 +79,84 @@ def test_sharded_matmuls_reassemble_the_unsharded_output(quant_type, double_quan
     torch.testing.assert_close(row, full, rtol=1e-5, atol=1e-5)
 
 
-def test_unaligned_cuts_are_refused_not_corrupted():
-    packed, state = _packed(96, 96, "nf4", False)  # 96 columns: not a multiple of 64
-    assert qs.slice_4bit_cols(packed, state, 0, 48) is None
-    assert qs.slice_4bit_rows(packed, state, 0, 1) is None  # 96 elements: 1.5 blocks
+# (rows, cols, blocksize, cut) -> the blocksize the rank's slice is re-expressed with, or
+# None where no bitsandbytes blocksize (>= 32) can: then the caller dequantizes.
+CUTS = [
+    # row-parallel: column cuts
+    ((128, 64), 64, ("cols", 32, 64), 32),  # o_proj of 2 heads x 32 at TP=2
+    ((96, 192), 64, ("cols", 96, 192), 32),  # down_proj of 192 at TP=2
+    ((64, 96), 64, ("cols", 32, 96), 32),  # blocks straddle rows in the full weight
+    ((64, 512), 256, ("cols", 128, 384), 128),
+    ((96, 160), 64, ("cols", 80, 160), None),  # 2 heads x 80 at TP=2: multiples of 16 only
+    ((64, 96), 64, ("cols", 0, 48), None),
+    # column-parallel: row cuts
+    ((160, 90), 64, ("rows", 80, 160), 32),  # q of 2 heads x 80 over hidden 90 at TP=2
+    ((96, 90), 64, ("rows", 0, 48), 32),
+    ((80, 90), 64, ("rows", 40, 80), None),  # 3600 = 16 x 225
+    ((96, 96), 64, ("rows", 1, 2), 32),
+    ((256, 128), 64, ("rows", 64, 192), 64),  # aligned: the original blocks
+]
+
+
+@pytest.mark.parametrize("quant_type,double_quant", CASES)
+@pytest.mark.parametrize("shape,blocksize,cut,expected_blocksize", CUTS)
+def test_cuts_inside_blocks_are_exact_with_a_smaller_blocksize(
+    quant_type, double_quant, shape, blocksize, cut, expected_blocksize
+):
+    packed, state = _packed(*shape, quant_type, double_quant, blocksize=blocksize)
+    full = _dequant(packed, state)
+    axis, start, end = cut
+    sliced = (qs.slice_4bit_rows if axis == "rows" else qs.slice_4bit_cols)(
+        packed, state, start, end
+    )
+    if expected_blocksize is None:
+        assert sliced is None
+        return
+    data, sub = sliced
+    assert sub.blocksize == expected_blocksize
+    expected = full[start:end] if axis == "rows" else full[:, start:end]
+    assert torch.equal(_dequant(data, sub), expected)  # bit for bit
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    rows=st.integers(1, 24).map(lambda r: 2 * r),
+    cols=st.integers(1, 24).map(lambda c: 8 * c),
+    blocksize=st.sampled_from([32, 64, 128, 256]),
+    axis=st.sampled_from(["rows", "cols"]),
+    data=st.data(),
+)
+def test_any_cut_is_exact_or_refused(rows, cols, blocksize, axis, data):
+    """Whatever the geometry, a cut either dequantizes to exactly the slice of the
+    dequantized full weight or is refused (never an approximation)."""
+    packed, state = _packed(rows, cols, "nf4", False, blocksize=blocksize)
+    full = _dequant(packed, state)
+    size = rows if axis == "rows" else cols
+    start = data.draw(st.integers(0, size - 1))
+    end = data.draw(st.integers(start + 1, size))
+    fn = qs.slice_4bit_rows if axis == "rows" else qs.slice_4bit_cols
+    sliced = fn(packed, state, start, end)
+    if sliced is None:
+        return
+    expected = full[start:end] if axis == "rows" else full[:, start:end]
+    assert torch.equal(_dequant(*sliced), expected)
+
+
+def test_shards_of_different_blocksizes_merge_exactly():
+    """A re-blocked shard (32) stacked with aligned ones (64): one quant state at 32."""
+    q, q_state = _packed(128, 64, "nf4", True)
+    k, k_state = _packed(64, 64, "nf4", True, seed=1)
+    q_half, q_half_state = qs.slice_4bit_rows(q, q_state, 0, 64)
+    k_cols, k_cols_state = qs.slice_4bit_cols(k, k_state, 32, 64)
+    v, v_state = _packed(64, 32, "nf4", True, seed=2)
+    states = [k_cols_state, v_state]
+    assert qs.can_merge_4bit(states)
+    merged = qs.merge_4bit(states, torch.float32)
+    assert merged.blocksize == 32
+    data = torch.cat([k_cols.reshape(-1), v.reshape(-1)])
+    expected = torch.cat([_dequant(k, k_state)[:, 32:], _dequant(v, v_state)])
+    assert torch.equal(_dequant(data, merged), expected)
+    assert q_half_state.blocksize == 64 and not qs.can_merge_4bit([q_half_state, v_state])
 
 
 def test_merged_shards_equal_their_parts():
@@ -103,3 +183,38 @@ def test_cpu_kernel_repack_is_byte_identical_to_bitsandbytes(quant_type, shape):
     assert torch.equal(got, expected)
     assert torch.equal(got_state.absmax, expected_state.absmax)
     assert got_state.packing_format_for_cpu and got_state.dtype == expected_state.dtype
+
+
+# ------------------------------------------------------------ in-flight quantization
+
+
+def _forget_bitsandbytes_tables():
+    """bitsandbytes caches its 4-bit tables per process, built in whatever default dtype
+    the first call ran under; start from scratch so this test sees the first call."""
+    from bitsandbytes.backends import utils
+    from bitsandbytes.backends.default import ops
+
+    ops._get_4bit_quantize_bounds.cache_clear()
+    utils._code_4bit_cache.clear()
+
+
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+def test_in_flight_quantization_under_a_bf16_default_gives_bitsandbytes_float32_bytes(
+    quant_type,
+):
+    weight = (torch.randn(128, 256, generator=torch.Generator().manual_seed(3)) * 0.05).bfloat16()
+    _forget_bitsandbytes_tables()
+    expected, expected_state = bnbf.quantize_4bit(weight, quant_type=quant_type)
+    _forget_bitsandbytes_tables()
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)  # what vLLM sets while a bf16 model loads
+    try:
+        packed, state = qs.quantize_4bit(weight, quant_type, 64, torch.bfloat16)
+        cb, int8_state = qs.quantize_8bit(weight)
+    finally:
+        torch.set_default_dtype(previous)
+        _forget_bitsandbytes_tables()
+    assert torch.equal(packed, expected.reshape(-1))
+    assert torch.equal(state.absmax, expected_state.absmax)
+    expected_cb, expected_scb, _ = bnbf.int8_vectorwise_quant(weight.half())
+    assert torch.equal(cb, expected_cb) and torch.equal(int8_state.scb, expected_scb)

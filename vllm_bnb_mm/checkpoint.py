@@ -1,7 +1,8 @@
 """Reading BnB safetensors checkpoints: headers, module layout, quant states.
 
 A transformers + bitsandbytes checkpoint stores, for every quantized Linear `P`:
-- 4-bit: `P.weight` (packed uint8), `P.weight.absmax`, `P.weight.quant_map`, optional
+- 4-bit: `P.weight` (packed bytes: uint8, or whatever `bnb_4bit_quant_storage` named,
+  the same bytes in a wider dtype), `P.weight.absmax`, `P.weight.quant_map`, optional
   `P.weight.nested_absmax` / `P.weight.nested_quant_map` (double quant) and
   `P.weight.quant_state.bitsandbytes__nf4|fp4` (JSON bytes);
 - 8-bit: `P.weight` (int8 [out, in]), `P.SCB` (fp32 row scales), `P.weight_format`.
@@ -252,12 +253,9 @@ def _check_group(weight: str, q: QuantizedWeight, tensors: dict[str, TensorInfo]
                 + ", ".join(missing)
                 + f". {RESAVE_HINT}"
             )
-        if info.dtype != torch.uint8:
-            raise CheckpointError(
-                f"{info.file}: 4-bit weight {weight!r} is stored as {info.dtype}; only uint8 "
-                "quant storage is supported: re-quantize with bnb_4bit_quant_storage='uint8' "
-                "(the default) and save again"
-            )
+        # Any dtype is fine: bnb_4bit_quant_storage (bf16/fp16/fp32 in FSDP-QLoRA setups)
+        # labels the same packed bytes with a wider dtype; the byte count is checked
+        # against the quant state when it is parsed.
     else:
         if "SCB" not in q.state_tensors:
             raise CheckpointError(
@@ -269,6 +267,14 @@ def _check_group(weight: str, q: QuantizedWeight, tensors: dict[str, TensorInfo]
                 f"{info.file}: 8-bit weight {weight!r} is stored as {info.dtype}, expected "
                 f"int8. {RESAVE_HINT}"
             )
+
+
+def packed_bytes(tensor: torch.Tensor) -> torch.Tensor:
+    """A packed 4-bit weight as the uint8 bytes bitsandbytes reads ([n, 1], whatever
+    dtype `bnb_4bit_quant_storage` stored them as)."""
+    if tensor.dtype == torch.uint8:
+        return tensor
+    return tensor.reshape(-1).view(torch.uint8).reshape(-1, 1)
 
 
 def find_unpaired_packed_weights(layout: CheckpointLayout) -> list[TensorInfo]:

@@ -35,11 +35,14 @@ logger = init_logger(f"vllm.{__name__}")
 
 @dataclass
 class Region:
-    """Rows [start, end) of the layer's rank-local weight and their quant state."""
+    """Rows [start, end) of the layer's rank-local weight and their quant state; or, for
+    a tensor-parallel cut no bitsandbytes blocksize can express, those rows dequantized
+    (`plain`, in the compute dtype; see quant_state's notes on TP cuts)."""
 
     start: int
     end: int
-    state: QuantState | qs.Int8State
+    state: QuantState | qs.Int8State | None
+    plain: torch.Tensor | None = None
 
 
 class BnbLinearMethod(LinearMethodBase):
@@ -95,6 +98,8 @@ class BnbLinearMethod(LinearMethodBase):
     def apply(
         self, layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None
     ) -> torch.Tensor:
+        if layer.bnb_kind == "dequantized":
+            return torch.nn.functional.linear(x, layer.weight, bias)
         out = torch.ops.vllm.bnb_mm_linear(x, layer.weight, id(layer), layer.bnb_out_features)
         if bias is not None:
             out = out + bias
@@ -113,33 +118,44 @@ def _make_weight_loader(layer: torch.nn.Module, config: BnbConfig, kind: str):
 
 
 def _shard_rows(layer, shard_id) -> list[tuple[tuple[int, int], tuple[int, int] | None]]:
-    """(local rows to fill, rows to take from the loaded tensor or None for all)."""
+    """(local rows to fill, rows to take from the loaded tensor or None for all), one
+    pair per logical shard the loaded tensor holds."""
     tp_rank, tp_size = getattr(layer, "tp_rank", 0), getattr(layer, "tp_size", 1)
     split = tp_size > 1 and isinstance(layer, ColumnParallelLinear)
-    if isinstance(layer, QKVParallelLinear) and shard_id is not None:
-        offset = layer._get_shard_offset_mapping(shard_id)
-        size = layer._get_shard_size_mapping(shard_id)
-        if offset is None or size is None:
-            raise ValueError(f"unknown qkv shard id {shard_id!r} for {layer.bnb_prefix}")
-        rank = tp_rank if shard_id == "q" else tp_rank // layer.num_kv_head_replicas
-        src = (rank * size, (rank + 1) * size) if split else None
-        return [((offset, offset + size), src)]
-    if isinstance(layer, MergedColumnParallelLinear) and shard_id is not None:
-        ids = list(shard_id) if isinstance(shard_id, tuple) else [shard_id]
-        start = sum(layer.output_sizes[: ids[0]]) // tp_size
-        size = sum(layer.output_sizes[ids[0] : ids[-1] + 1]) // tp_size
-        if len(ids) > 1 and split:
-            raise NotImplementedError(
-                f"{layer.bnb_prefix}: shards {shard_id} fused on disk, with tensor parallelism"
-            )
-        src = (tp_rank * size, (tp_rank + 1) * size) if split else None
-        return [((start, start + size), src)]
+    if isinstance(layer, QKVParallelLinear) and (shard_id is not None or split):
+        # shard_id None: q, k and v fused on disk (e.g. Phi-3's qkv_proj), in that order
+        head, kv = layer.head_size, layer.total_num_kv_heads
+        on_disk = {"q": 0, "k": layer.total_num_heads * head,
+                   "v": (layer.total_num_heads + kv) * head}
+        pairs = []
+        for sid in ("q", "k", "v") if shard_id is None else (shard_id,):
+            offset = layer._get_shard_offset_mapping(sid)
+            size = layer._get_shard_size_mapping(sid)
+            if offset is None or size is None:
+                raise ValueError(f"unknown qkv shard id {sid!r} for {layer.bnb_prefix}")
+            rank = tp_rank if sid == "q" else tp_rank // layer.num_kv_head_replicas
+            base = on_disk[sid] if shard_id is None else 0
+            src = (base + rank * size, base + (rank + 1) * size) if split else None
+            pairs.append(((offset, offset + size), src))
+        return pairs
+    if isinstance(layer, MergedColumnParallelLinear) and (shard_id is not None or split):
+        # a tuple or None: several shards fused on disk (e.g. Phi-3's gate_up_proj)
+        if shard_id is None:
+            ids = list(range(len(layer.output_sizes)))
+        else:
+            ids = list(shard_id) if isinstance(shard_id, tuple) else [shard_id]
+        if not split:
+            start = sum(layer.output_sizes[: ids[0]])
+            size = sum(layer.output_sizes[ids[0] : ids[-1] + 1])
+            return [((start, start + size), None)]
+        pairs = []
+        for i in ids:
+            start = sum(layer.output_sizes[:i]) // tp_size
+            size = layer.output_sizes[i] // tp_size
+            base = sum(layer.output_sizes[ids[0] : i]) + tp_rank * size  # shard i on disk
+            pairs.append(((start, start + size), (base, base + size)))
+        return pairs
     rows = layer.bnb_out_features
-    if split and len(getattr(layer, "output_sizes", [rows])) > 1:
-        raise NotImplementedError(
-            f"{layer.bnb_prefix}: a fused-on-disk weight for a stacked layer, with tensor "
-            "parallelism"
-        )
     return [((0, rows), (tp_rank * rows, (tp_rank + 1) * rows) if split else None)]
 
 
@@ -160,6 +176,10 @@ def _load_region(layer, param, loaded, rows, src_rows, config: BnbConfig, kind: 
         )
     if kind == "4bit":
         data, state = _region_4bit(layer, loaded, packed, src_rows, cols, config)
+        if state is None:
+            _check_plain_rows(layer, packed, data, rows)
+            param.bnb_regions.append(Region(rows[0], rows[1], None, plain=data))
+            return
         first, last = rows[0] * layer.bnb_in_features // 2, rows[1] * layer.bnb_in_features // 2
         target = param.data[first:last]
     else:
@@ -176,35 +196,58 @@ def _load_region(layer, param, loaded, rows, src_rows, config: BnbConfig, kind: 
 
 
 def _region_4bit(layer, loaded, packed, src_rows, cols, config: BnbConfig):
+    """This rank's packed bytes and quant state, exactly the slice of the full weight
+    HF computes with; or (data, None): the slice dequantized, where no blocksize fits."""
     if packed is None:
-        plain = _slice_plain(loaded, src_rows, cols)
         PACKED.note_quantized_in_flight(layer.bnb_prefix)
-        return qs.quantize_4bit(plain, config.quant_type, config.blocksize, layer.bnb_compute_dtype)
-    data, state = loaded, packed.state
+        if _cut_keeps_blocks(loaded.shape[-1], config.blocksize, src_rows, cols):
+            plain = _slice_plain(loaded, src_rows, cols)
+            return qs.quantize_4bit(
+                plain, config.quant_type, config.blocksize, layer.bnb_compute_dtype
+            )
+        # transformers quantizes the whole weight: a cut through its blocks takes this
+        # rank's part of them, as for a pre-quantized checkpoint.
+        data, state = qs.quantize_4bit(
+            loaded, config.quant_type, config.blocksize, layer.bnb_compute_dtype
+        )
+    else:
+        data, state = loaded, packed.state
+    full = (data, state)
     if src_rows is not None:
         cut = qs.slice_4bit_rows(data, state, *src_rows)
         if cut is None:
-            return _requantize_slice(layer, packed, src_rows, cols)
+            return _dequantized_slice(layer, *full, src_rows, cols), None
         data, state = cut
     if cols is not None:
         cut = qs.slice_4bit_cols(data, state, *cols)
         if cut is None:
-            return _requantize_slice(layer, packed, src_rows, cols)
+            return _dequantized_slice(layer, *full, src_rows, cols), None
         data, state = cut
     return data, state
 
 
-def _requantize_slice(layer, packed, src_rows, cols):
-    """Blocks straddle the TP cut: dequantize this one tensor and requantize the slice."""
-    logger.info(
-        "%s: TP slice of %s does not align with %d-element quant blocks; dequantized and "
-        "requantized that slice", layer.bnb_prefix, packed.name, packed.state.blocksize,
-    )
-    full = qs.dequantize_4bit(packed.data, packed.state, torch.float32)
-    plain = _slice_plain(full, src_rows, cols)
-    return qs.quantize_4bit(
-        plain, packed.state.quant_type, packed.state.blocksize, packed.state.dtype
-    )
+def _cut_keeps_blocks(width: int, blocksize: int, src_rows, cols) -> bool:
+    """Whether quantizing only this rank's slice gives the blocks of the whole weight."""
+    edges = [] if src_rows is None else [src_rows[0] * width, src_rows[1] * width]
+    if cols is not None:
+        edges += [width, *cols]
+    return all(e % blocksize == 0 for e in edges)
+
+
+def _dequantized_slice(layer, data, state, src_rows, cols) -> torch.Tensor:
+    """The rank's slice of the dequantized full weight, in the compute dtype."""
+    full = qs.dequantize_4bit(data, state, layer.bnb_compute_dtype).reshape(state.shape)
+    return _slice_plain(full, src_rows, cols).contiguous()
+
+
+def _check_plain_rows(layer, packed, data: torch.Tensor, rows) -> None:
+    expected = (rows[1] - rows[0], layer.bnb_in_features)
+    if tuple(data.shape) != expected:
+        what = f"{packed.name} ({packed.file})" if packed else "plain tensor"
+        raise ValueError(
+            f"{what}: a {list(data.shape)} slice for rows {rows} of {layer.bnb_prefix}, "
+            f"which need {list(expected)} (shape mismatch between checkpoint and model)"
+        )
 
 
 def _region_8bit(layer, loaded, packed, src_rows, cols):
@@ -257,6 +300,18 @@ def _finalize_8bit(layer, regions: list[Region], config: BnbConfig) -> None:
 
 
 def _finalize_4bit(layer, regions: list[Region]) -> None:
+    if any(r.plain is not None for r in regions):
+        _finalize_dequantized(layer, regions, "a tensor-parallel cut no bitsandbytes blocksize "
+                              "can express")
+        return
+    if layer.weight.device.type == "cpu" and any(
+        layer.bnb_in_features % r.state.blocksize for r in regions
+    ):
+        # bitsandbytes' CPU 4-bit kernels (0.50.2) index blocks per row: wrong weights
+        # where rows are not whole blocks (e.g. 96 columns in blocks of 64).
+        _finalize_dequantized(layer, regions, "rows that are not whole quant blocks, which "
+                              "bitsandbytes' CPU kernels mis-index")
+        return
     states = [r.state for r in regions]
     device = layer.weight.device
     if qs.can_merge_4bit(states):
@@ -273,6 +328,30 @@ def _finalize_4bit(layer, regions: list[Region]) -> None:
         per_row = layer.bnb_in_features // 2
         parts.append((r.start * per_row, r.end * per_row, state))
     layer.bnb_parts = parts
+
+
+def _finalize_dequantized(layer, regions: list[Region], why: str) -> None:
+    """The layer computes in the compute dtype on this rank, with exactly the values
+    bitsandbytes dequantizes: its packed shards are dequantized too, one dense weight."""
+    per_row = layer.bnb_in_features // 2
+    packed = layer.weight.data
+    rows = []
+    for r in regions:
+        plain = r.plain
+        if plain is None:
+            r.state.to(packed.device)
+            plain = qs.dequantize_4bit(
+                packed[r.start * per_row : r.end * per_row], r.state, layer.bnb_compute_dtype
+            ).reshape(r.end - r.start, layer.bnb_in_features)
+        rows.append(plain.to(packed.device))
+    weight = torch.cat(rows)
+    extra = weight.numel() * weight.element_size() - packed.numel()
+    layer.weight.data = weight
+    layer.bnb_kind = "dequantized"
+    logger.info(
+        "%s: kept dequantized in %s on this rank (%s), +%.2f MiB",
+        layer.bnb_prefix, weight.dtype, why, extra / 2**20,
+    )
 
 
 def _use_cpu_packed_kernel(layer, state: QuantState) -> bool:

@@ -33,6 +33,7 @@ from .checkpoint import (
     check_quantization_matches,
     iter_files_in_order,
     narrowed_absmax,
+    packed_bytes,
     scan_checkpoint,
 )
 from .config import BnbConfig, ModuleKind
@@ -277,6 +278,8 @@ def checkpoint_weights(
                         "(dropped by adjust_bnb_quant_state_dict?)"
                     )
                 kind = layout.quantized[info.name].kind
+                if kind == "4bit":
+                    tensor = packed_bytes(tensor)
                 PACKED.add(PackedTensor(info.name, path, kind, state, tensor))
             PACKED.note_yielded(info.name, tensor)
             yield info.name, tensor

@@ -7,8 +7,10 @@ order of the logical [out, in] matrix, with one absmax per `blocksize` elements.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -215,13 +217,15 @@ def _check_4bit_meta(
             f"{info.file}: {q.weight!r} has an invalid shape {_short(shape)} in its "
             f"quant-state JSON. {RESAVE_HINT}"
         )
-    packed = math.prod(info.shape)
+    packed = math.prod(info.shape) * info.dtype.itemsize
     needed = _ceil_div(math.prod(shape), 2)
     if packed != needed:
+        # bnb_4bit_quant_storage relabels the bytes; a cast of the values changes the count.
+        stored = "" if info.dtype == torch.uint8 else f" as {info.dtype}{list(info.shape)}"
         raise CheckpointError(
-            f"{info.file}: packed weight {q.weight!r} holds {packed} bytes but its quant "
-            f"state shape {_short(shape)} needs {_short(needed)}: the JSON shape does not "
-            f"match the data. {RESAVE_HINT}"
+            f"{info.file}: packed weight {q.weight!r} holds {packed} bytes{stored} but its "
+            f"quant state shape {_short(shape)} needs {_short(needed)}: the JSON shape does "
+            f"not match the data. {RESAVE_HINT}"
         )
     return tuple(shape), blocksize
 
@@ -327,84 +331,161 @@ def _torch_dtype(name: object, q: QuantizedWeight, info: TensorInfo) -> torch.dt
 # ---------------------------------------------------------------- slicing and merging
 
 
+# Tensor-parallel cuts. A rank must compute with exactly the weights HF computes with,
+# i.e. exactly its slice of the dequantized full weight. When a cut falls on block
+# boundaries that is the slice of the packed bytes and of the absmax. When it falls
+# inside blocks, two exact schemes were weighed:
+# (a) re-express the slice with a smaller bitsandbytes blocksize b whose blocks each lie
+#     inside one original block, repeating that block's absmax: the dequantized values
+#     are bit for bit the same, memory stays 4-bit (+4 bytes of absmax per b elements)
+#     and the layer keeps bitsandbytes' 4-bit kernels (all accept b >= 32, the CPU fused
+#     kernel included);
+# (b) keep the rank's slice dequantized in the compute dtype (what bitsandbytes computes
+#     with anyway) and run a dense matmul.
+# Measured on a 2048 x 2080 rank slice (bf16, this CPU): (a) 2.7 MB, (b) 8.5 MB; forward
+# times of the two within this machine's noise. So (a) wherever some b fits the cut
+# (every TP=2 cut of a layer whose input is a multiple of 64, e.g. o_proj of 2 heads x
+# 32), (b) only where none does (a cut at a multiple of 16 or less, e.g. SigLIP's
+# 4304-wide MLP at TP=2, or an odd column).
+
+
+def sub_blocksize(blocksize: int, offsets: list[int]) -> int | None:
+    """The largest bitsandbytes blocksize b that divides `blocksize` and every offset:
+    blocks of b elements starting at those offsets each lie inside one original block."""
+    for b in sorted(VALID_BLOCKSIZES, reverse=True):
+        if b <= blocksize and blocksize % b == 0 and all(o % b == 0 for o in offsets):
+            return b
+    return None
+
+
 def slice_4bit_rows(
     packed: torch.Tensor, state: QuantState, start: int, end: int
 ) -> tuple[torch.Tensor, QuantState] | None:
-    """Rows [start, end) of a packed [out, in] weight, exact when blocks align; else None."""
+    """Rows [start, end) of a packed [out, in] weight, exact; None where no bitsandbytes
+    blocksize can express the cut (then the caller dequantizes the slice)."""
     rows, cols = state.shape
     if (start, end) == (0, rows):
         return packed.reshape(-1), state
     first, last = start * cols, end * cols
-    if first % state.blocksize or last % state.blocksize or first % 2 or last % 2:
+    b = sub_blocksize(state.blocksize, [first, last])
+    if b is None:
         return None
     flat = packed.reshape(-1)[first // 2 : last // 2]
-    absmax = state.absmax[first // state.blocksize : last // state.blocksize]
-    return flat, _with(state, absmax, (end - start, cols))
+    origins = torch.arange(first, last, b)  # first element of each block of the slice
+    return flat, _with(state, state.absmax[origins // state.blocksize], (end - start, cols), b)
 
 
 def slice_4bit_cols(
     packed: torch.Tensor, state: QuantState, start: int, end: int
 ) -> tuple[torch.Tensor, QuantState] | None:
-    """Columns [start, end) of a packed [out, in] weight, exact when blocks align."""
+    """Columns [start, end) of a packed [out, in] weight, exact; None where no
+    bitsandbytes blocksize can express the cut."""
     rows, cols = state.shape
     if (start, end) == (0, cols):
         return packed.reshape(-1), state
-    bs = state.blocksize
-    if cols % bs or start % bs or end % bs:
+    width = end - start
+    # Blocks of b must tile each row of the slice and start b-aligned in every row.
+    b = sub_blocksize(state.blocksize, [cols, start, width])
+    if b is None:
         return None
     flat = packed.reshape(rows, cols // 2)[:, start // 2 : end // 2].reshape(-1)
-    absmax = state.absmax.reshape(rows, cols // bs)[:, start // bs : end // bs].reshape(-1)
-    return flat, _with(state, absmax, (rows, end - start))
+    origins = torch.arange(rows).unsqueeze(1) * cols + torch.arange(start, end, b)
+    absmax = state.absmax[origins.reshape(-1) // state.blocksize]
+    return flat, _with(state, absmax, (rows, width), b)
 
 
-def _with(state: QuantState, absmax: torch.Tensor, shape: tuple[int, int]) -> QuantState:
+def _with(
+    state: QuantState, absmax: torch.Tensor, shape: tuple[int, ...], blocksize: int | None = None
+) -> QuantState:
     return QuantState(
         absmax=absmax.contiguous(), shape=torch.Size(shape), code=state.code,
-        blocksize=state.blocksize, quant_type=state.quant_type, dtype=state.dtype,
+        blocksize=blocksize or state.blocksize, quant_type=state.quant_type, dtype=state.dtype,
     )
 
 
+def with_blocksize(state: QuantState, blocksize: int) -> QuantState:
+    """The same weight in blocks of `blocksize` (a divisor of its own): each block's
+    absmax repeated, so it dequantizes bit for bit as before."""
+    if blocksize == state.blocksize:
+        return state
+    n_blocks = _ceil_div(math.prod(state.shape), blocksize)
+    absmax = state.absmax.repeat_interleave(state.blocksize // blocksize)[:n_blocks]
+    return _with(state, absmax, tuple(state.shape), blocksize)
+
+
+@contextlib.contextmanager
+def bitsandbytes_float32_default() -> Iterator[None]:
+    """Run bitsandbytes under the float32 default dtype it is written for.
+
+    bitsandbytes builds its 4-bit code tables with `torch.tensor(values)`, i.e. in the
+    default dtype, and caches them per process. vLLM loads weights under the model
+    dtype, so in a bf16 engine NF4's -0.6962 became -0.6953, the quantization bounds
+    moved, and 0.5-1 % of the packed bytes differed from the bytes transformers +
+    bitsandbytes write for the same weight (transformers quantizes under float32).
+    Every quantize and dequantize of ours runs inside this, so the first (cached)
+    table of the process is the float32 one as well."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float32)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(previous)
+
+
 def dequantize_4bit(packed: torch.Tensor, state: QuantState, dtype: torch.dtype) -> torch.Tensor:
-    return bnbf.dequantize_4bit(packed.reshape(-1, 1), state).to(dtype)
+    """The weight, flat (reshape to `state.shape`). Blocks run over the flattened weight;
+    bitsandbytes' CPU kernel (0.50.2) restarts them at every row when given a 2-D shape
+    whose rows are not whole blocks (e.g. [64, 96] in blocks of 64), so it gets 1-D."""
+    flat = _with(state, state.absmax, (math.prod(state.shape),))
+    with bitsandbytes_float32_default():
+        return bnbf.dequantize_4bit(packed.reshape(-1, 1), flat).to(dtype)
 
 
 def dequantize_8bit(weight: torch.Tensor, state: Int8State, dtype: torch.dtype) -> torch.Tensor:
-    return bnbf.int8_vectorwise_dequant(weight, state.scb).to(dtype)
+    with bitsandbytes_float32_default():
+        return bnbf.int8_vectorwise_dequant(weight, state.scb).to(dtype)
 
 
 def quantize_4bit(
     weight: torch.Tensor, quant_type: str, blocksize: int, dtype: torch.dtype
 ) -> tuple[torch.Tensor, QuantState]:
     """Quantize a plain weight in flight, with float32 absmax (no double quant: the
-    statistics are flattened at load anyway)."""
-    packed, state = bnbf.quantize_4bit(
-        weight.contiguous(), blocksize=blocksize, quant_type=quant_type,
-        compress_statistics=False,
-    )
+    statistics are flattened at load anyway): the bytes and absmax transformers +
+    bitsandbytes produce for the same weight."""
+    with bitsandbytes_float32_default():
+        packed, state = bnbf.quantize_4bit(
+            weight.contiguous(), blocksize=blocksize, quant_type=quant_type,
+            compress_statistics=False,
+        )
     state.dtype = dtype
     state.absmax = state.absmax.float()
     return packed.reshape(-1), state
 
 
 def quantize_8bit(weight: torch.Tensor) -> tuple[torch.Tensor, Int8State]:
-    cb, scb, _ = bnbf.int8_vectorwise_quant(weight.to(torch.float16).contiguous())
+    """LLM.int8 row quantization as transformers' Int8Params does it (through float16)."""
+    with bitsandbytes_float32_default():
+        cb, scb, _ = bnbf.int8_vectorwise_quant(weight.to(torch.float16).contiguous())
     return cb, Int8State(scb=scb.float())
 
 
 def can_merge_4bit(states: list[QuantState]) -> bool:
-    """Row-stacked shards share one QuantState when their blocks tile the rows exactly."""
+    """Row-stacked shards share one QuantState when their blocks tile the rows exactly
+    (at the smallest of their blocksizes, to which the others are re-expressed)."""
     first = states[0]
+    blocksize = min(s.blocksize for s in states)
     return all(
         s.quant_type == first.quant_type
-        and s.blocksize == first.blocksize
         and s.shape[1] == first.shape[1]
-        and (s.shape[0] * s.shape[1]) % s.blocksize == 0
+        and (s.shape[0] * s.shape[1]) % blocksize == 0
         and torch.equal(s.code, first.code)
         for s in states
     )
 
 
 def merge_4bit(states: list[QuantState], dtype: torch.dtype) -> QuantState:
+    blocksize = min(s.blocksize for s in states)
+    states = [with_blocksize(s, blocksize) for s in states]
     rows = sum(s.shape[0] for s in states)
     merged = _with(states[0], torch.cat([s.absmax for s in states]), (rows, states[0].shape[1]))
     merged.dtype = dtype
