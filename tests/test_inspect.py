@@ -95,6 +95,9 @@ def _unanchored_skip(data: dict) -> bool:
     )
 
 
+_ITEMSIZE = {"U8": 1, "I8": 1, "BF16": 2, "F16": 2, "F32": 4, "I32": 4, "I64": 8}
+
+
 def _loaded_bytes_from_header(ckpt: Path, layout: dict) -> int:
     """Weights as loaded on a GPU, from the header alone: 4-bit packed bytes + float32
     absmax + the 16-entry code, 8-bit int8 + float32 row scales, plain floats in
@@ -108,19 +111,21 @@ def _loaded_bytes_from_header(ckpt: Path, layout: dict) -> int:
         module = key.removesuffix(".weight")
         numel = math.prod(meta["shape"])
         if packed.get(module) in ("nf4", "fp4"):
-            logical = 2 * numel
+            # packed bytes may be stored in a wider dtype (bnb_4bit_quant_storage)
+            nbytes = numel * _ITEMSIZE[meta["dtype"]]
+            logical = 2 * nbytes
             if module == "lm_head":
                 total += 2 * logical
                 continue
             blocks = math.prod(header[key + ".absmax"]["shape"])
             copies = 2 if _is_k_eq_v(module, header) else 1
-            total += copies * (numel + 4 * blocks + 64)
+            total += copies * (nbytes + 4 * blocks + 64)
         elif packed.get(module) == "int8":
             total += numel + 4 * meta["shape"][0]
         elif meta["dtype"] in ("BF16", "F16", "F32"):
             total += 2 * numel
         else:
-            total += numel * {"U8": 1, "I8": 1, "I64": 8, "I32": 4}[meta["dtype"]]
+            total += numel * _ITEMSIZE[meta["dtype"]]
     return total
 
 
@@ -158,6 +163,9 @@ def test_inspect_on_broken_checkpoints_names_tensor_and_file(broken, case, capsy
     elif case == "fp16-absmax":
         assert code == 0 and "absmax-narrowed" in out and ".absmax" in out, out
         assert _inspect(ckpt, capsys, "--full")[0] == 0  # the values are fine
+    elif CASES[case].loads:  # e.g. packed bytes stored as bf16: the same bytes, loaded
+        assert code == 0 and "error" not in err, out + err
+        assert "nf4" in out or "fp4" in out, out
     else:  # only the model class can tell (checked with vLLM below)
         assert CASES[case].needs_model
         assert code == 0 and "architecture-not-checked" in out, out
