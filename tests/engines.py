@@ -27,6 +27,12 @@ ENGINE_KWARGS = {
 
 def engine_env(**extra: str) -> dict[str, str]:
     env = dict(os.environ)
+    # Under pytest-xdist, each worker's engines run on their own core: vLLM's automatic
+    # binding would put every single-worker engine on the same core. Tests that start
+    # several workers (TP/PP) pass their own binding in `extra`.
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "")
+    if worker.startswith("gw") and "VLLM_CPU_OMP_THREADS_BIND" not in os.environ:
+        env["VLLM_CPU_OMP_THREADS_BIND"] = str(int(worker[2:]) % (os.cpu_count() or 1))
     env.update({
         "HF_HUB_OFFLINE": "1",
         "VLLM_CPU_KVCACHE_SPACE": "1",
