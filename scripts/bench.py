@@ -132,9 +132,10 @@ CORPUS = (
 
 def _tokenizer(vocab_size: int):
     """Byte-fallback BPE padded to ``vocab_size`` with <unusedN>, saved as GemmaTokenizer."""
-    from tiny_families.gemma4 import CHAT_TEMPLATE
     from tokenizers import Tokenizer, models, normalizers, trainers
     from transformers import GemmaTokenizer
+
+    from tiny_families.gemma4 import CHAT_TEMPLATE
 
     reserved = SPECIAL + list(NAMED.values()) + [VIDEO]
     prefix = reserved + [f"<0x{i:02X}>" for i in range(256)]

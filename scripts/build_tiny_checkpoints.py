@@ -57,10 +57,9 @@ import transformers
 from transformers import BitsAndBytesConfig
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import tiny_reference as ref
 from tiny_families import FAMILIES
 from tiny_families.common import Base, Family, Variant
-
-import tiny_reference as ref
 
 # Bump whenever the recipe (configs, weights, tokenizer, cases, JSON schema) changes.
 BUILDER_VERSION = "tiny-ckpt-2026.1"

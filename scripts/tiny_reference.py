@@ -142,6 +142,25 @@ def _set_bnb_compute_dtype(model: nn.Module, dtype: torch.dtype) -> None:
             module.compute_dtype = dtype
 
 
+def upcast_plain_tensors(model: nn.Module, dtype: torch.dtype) -> int:
+    """transformers 5.19 keeps some pre-quantized models' unquantized tensors in the stored
+    bf16 whatever ``dtype`` says (seen on Gemma 3); upcast them, so a float32 reference is
+    float32. Packed weights and bitsandbytes' own tensors are left alone, and nothing is
+    ever narrowed (HF keeps e.g. rotary tables in float32 on purpose)."""
+    count = 0
+    for module in model.modules():
+        if isinstance(module, (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt)):
+            tensors = [module.bias] if module.bias is not None else []
+        else:
+            tensors = [*module.parameters(recurse=False), *module.buffers(recurse=False)]
+        for tensor in tensors:
+            wider = tensor.is_floating_point() and tensor.dtype.itemsize < dtype.itemsize
+            if wider and dtype.is_floating_point:
+                tensor.data = tensor.data.to(dtype)
+                count += 1
+    return count
+
+
 def _plain_lm_head(head: nn.Linear, dtype: torch.dtype) -> tuple[nn.Linear, str]:
     weight = head.weight
     quant_state = getattr(weight, "quant_state", None)
@@ -180,6 +199,12 @@ def load_reference_model(
     model = cls.from_pretrained(ckpt_dir, dtype=dtype).eval()
     _set_bnb_compute_dtype(model, dtype)
     notes: list[str] = []
+    recast = upcast_plain_tensors(model, dtype)
+    if recast:
+        notes.append(
+            f"{recast} unquantized tensor(s) loaded in the checkpoint's dtype despite "
+            f"dtype={dtype}; cast to {dtype}"
+        )
     error = _probe(model, probe_inputs)
     if error is None:
         return model, notes

@@ -64,6 +64,27 @@ def run_llm(
         "prompts": prompts,
         "max_tokens": max_tokens,
     }
+    return _run_llm_spec(spec, env, timeout)
+
+
+def run_llm_chat(
+    model: str, conversations: list[list[dict]], max_tokens: int = 8, env: dict | None = None,
+    timeout: float = 600, **llm_kwargs,
+) -> list[dict]:
+    """`run_llm` for OpenAI-format chat conversations (images as data URLs) through
+    `LLM.chat`: vLLM renders the chat template and runs its multimodal processor, as
+    the server does. Each result also holds the `prompt_token_ids` vLLM built."""
+    spec = {
+        "model": model,
+        "llm_kwargs": {**ENGINE_KWARGS, **llm_kwargs},
+        "conversations": conversations,
+        "max_tokens": max_tokens,
+    }
+    return _run_llm_spec(spec, env, timeout)
+
+
+def _run_llm_spec(spec: dict, env: dict | None, timeout: float) -> list[dict]:
+    model = spec["model"]
     proc = subprocess.Popen(
         [sys.executable, str(HERE / "run_llm.py"), json.dumps(spec)],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,

@@ -5,7 +5,10 @@ behind the interface in ``common.Family``. ``FAMILIES`` lists them for the build
 from __future__ import annotations
 
 from .common import Family
+from .gemma3 import GEMMA3
 from .gemma4 import GEMMA4
 from .llama import LLAMA
+from .llava import LLAVA
+from .qwen2_5_vl import QWEN2_5_VL
 
-FAMILIES: dict[str, Family] = {f.name: f for f in (LLAMA, GEMMA4)}
+FAMILIES: dict[str, Family] = {f.name: f for f in (LLAMA, GEMMA4, LLAVA, GEMMA3, QWEN2_5_VL)}
