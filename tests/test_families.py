@@ -23,7 +23,7 @@ from parity import assert_matches, distance_to, first_token_distribution, load_r
 # float32 engines against HF float32: bitsandbytes' CPU 4-bit kernel rounds activations to
 # bf16 internally on both sides, in different summation orders (as in test_llama_parity).
 # Image placeholder positions carry the rounding of every vision-tower layer.
-TOL_4BIT, SOFT_TOL_4BIT = 0.05, 0.3
+TOL_4BIT, SOFT_TOL_4BIT = 0.1, 0.3
 # LLM.int8 runs activations through fp16 on both sides (test_llama_parity: up to 0.051).
 TOL_8BIT, SOFT_TOL_8BIT = 0.1, 0.3
 # bf16 server against HF bf16 (as test_gemma4_openai).
@@ -136,6 +136,7 @@ def _hf_in_flight_references(ckpt: Path, ref: dict) -> dict:
     model = getattr(transformers, ref["architecture"]).from_pretrained(
         ckpt, quantization_config=config, dtype=torch.float32
     )
+    tiny_reference.upcast_plain_tensors(model, torch.float32)
     return {
         case["name"]: tiny_reference.reference_for_case(
             model, family.encode_case(processor, case, ckpt), torch.float32

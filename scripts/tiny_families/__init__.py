@@ -11,7 +11,8 @@ from .llama import LLAMA
 from .llava import LLAVA
 from .mistral3 import MISTRAL3
 from .qwen2_5_vl import QWEN2_5_VL
+from .qwen3_vl import QWEN3_VL
 
 FAMILIES: dict[str, Family] = {
-    f.name: f for f in (LLAMA, GEMMA4, LLAVA, GEMMA3, QWEN2_5_VL, MISTRAL3)
+    f.name: f for f in (LLAMA, GEMMA4, LLAVA, GEMMA3, QWEN2_5_VL, MISTRAL3, QWEN3_VL)
 }

@@ -116,7 +116,7 @@ def scales(seed: int) -> InitScales:
     return InitScales(seed=seed, embed_std=1.0, norm_gains=(("model.language_model.norm", 3.0),))
 
 
-def _check_skip(expected: list[str]):
+def check_skip(expected: list[str]):
     def check(header: dict, packed: dict, config: dict) -> None:
         skip = config["quantization_config"]["llm_int8_skip_modules"]
         if skip != expected:
@@ -144,7 +144,7 @@ class Qwen2_5_VL(Family):
             (*TOWER, "text", "lm_head"),
             "unanchored ['visual'] skips nothing and drops the defaults: tower, merger and "
             "the untied lm_head 4-bit",
-            _check_skip(["visual"]),
+            check_skip(["visual"]),
         ),
         Variant(
             "qwen2_5_vl-fp4",
@@ -152,7 +152,7 @@ class Qwen2_5_VL(Family):
             {**FP4, "llm_int8_skip_modules": ["visual", "lm_head"]},
             (*TOWER, "text"),
             "['visual', 'lm_head']: only lm_head matches; tower and merger fp4",
-            _check_skip(["visual", "lm_head"]),
+            check_skip(["visual", "lm_head"]),
         ),
         Variant(
             "qwen2_5_vl-int8",
@@ -160,7 +160,7 @@ class Qwen2_5_VL(Family):
             {**INT8, "llm_int8_skip_modules": ["model.visual", "lm_head"]},
             ("text",),
             "['model.visual', 'lm_head']: tower and merger really bf16, text LLM.int8",
-            _check_skip(["model.visual", "lm_head"]),
+            check_skip(["model.visual", "lm_head"]),
         ),
     ]
 
