@@ -151,12 +151,15 @@ Where is the nearest station? Turn left at the corner and walk for five minutes.
 """
 
 
-def train_bpe(reserved: list[str]) -> tuple[dict[str, int], list[tuple[str, str]]]:
+def train_bpe(
+    reserved: list[str], first_merges: tuple[tuple[str, str], ...] = ()
+) -> tuple[dict[str, int], list[tuple[str, str]]]:
     """Vocab of exactly VOCAB_SIZE: reserved tokens, 256 byte-fallback tokens, learned BPE.
 
     Both Gemma and Llama tokenizers map spaces to "▁" without splitting, so train the same way.
     Unused ids are filled with ``<unusedN>`` (as real Gemma vocabularies do) so every id the
-    model can emit decodes.
+    model can emit decodes. ``first_merges`` rank before the learned ones (their results
+    must be reserved tokens).
     """
     byte_tokens = [f"<0x{i:02X}>" for i in range(256)]
     prefix = reserved + byte_tokens
@@ -170,7 +173,7 @@ def train_bpe(reserved: list[str]) -> tuple[dict[str, int], list[tuple[str, str]
     while len(vocab) < VOCAB_SIZE:
         vocab[f"<unused{len(vocab)}>"] = len(vocab)
     merges = [tuple(m) for m in json.loads(bpe.to_str())["model"]["merges"]]
-    return vocab, merges
+    return vocab, [*first_merges, *merges]
 
 
 def train_byte_level_bpe(reserved: list[str]) -> tuple[dict[str, int], list[tuple[str, str]]]:

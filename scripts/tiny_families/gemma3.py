@@ -73,8 +73,16 @@ HUB_LAYOUT = (
 )
 
 
+# Runs of newlines are single tokens in Gemma's vocabulary, and vLLM's Gemma 3 processor
+# looks them up ("\n" .. "\n\n\n\n") to merge the ones around an image.
+NEWLINES = ["\n", "\n\n", "\n\n\n", "\n\n\n\n"]
+NEWLINE_MERGES = (("\n", "\n"), ("\n\n", "\n"), ("\n\n", "\n\n"))
+
+
 def tokenizer() -> GemmaTokenizer:
-    vocab, merges = train_bpe(BASE_SPECIALS + list(NAMED_TOKENS.values()))
+    vocab, merges = train_bpe(
+        BASE_SPECIALS + list(NAMED_TOKENS.values()) + NEWLINES, NEWLINE_MERGES
+    )
     return GemmaTokenizer(
         vocab=vocab,
         merges=merges,
