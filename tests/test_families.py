@@ -32,21 +32,30 @@ TOL_BF16, SOFT_TOL_BF16 = 0.25, 0.6
 # Checkpoints proven through vllm.LLM in float32, and what each one adds to the matrix.
 LLM_VARIANTS = [
     "llava-vision-bf16",  # fp4, CLIP tower really bf16
-    "llava-int8",  # LLM.int8, default skip list
+    "llava-int8",  # LLM.int8, default skip list (tower 8-bit, its last layer unbuilt)
     "llava-legacy-nf4-dq",  # transformers 4.x key layout, default skip list
+    "llava_next-nf4-dq",  # anyres tiles + image_newline, default skip list
     "gemma3-skip-unanchored",  # fp4, tower 4-bit under a skip list that matches nothing
     "gemma3-vision-bf16",  # LLM.int8, SigLIP tower really bf16
     "qwen2_5_vl-fp4",  # ['visual', 'lm_head']: tower and merger fp4
     "qwen2_5_vl-int8",  # ['model.visual', 'lm_head']: tower and merger bf16
+    "mistral3-fp4",  # default skip list: Pixtral tower and merging_layer fp4
+    "mistral3-int8",  # tower and projector really bf16
+    "qwen3_vl-fp4",  # ['visual', 'lm_head']: tower and (deepstack) mergers fp4
+    "qwen3_vl-int8",  # ['model.visual', 'lm_head']: tower and mergers bf16
 ]
 # One OpenAI server per family (image+text and text requests through the API).
 SERVER_VARIANTS = [
     "llava-skip-projector",  # nf4+dq; recipe skip list matches nothing: lm_head 4-bit too
-    "gemma3-nf4-dq",  # nf4+dq, default skip list
+    "gemma3-nf4-dq",  # nf4+dq, default skip list (tied lm_head)
     "qwen2_5_vl-nf4-dq",  # nf4+dq; ['visual'] matches nothing: tower and lm_head 4-bit
+    "mistral3-skip-unanchored",  # nf4+dq; unanchored skips: merging_layer and lm_head 4-bit
+    "qwen3_vl-nf4-dq",  # nf4+dq; ['visual'] matches nothing: tower and lm_head 4-bit
 ]
 # bf16 checkpoints quantized in flight (`--quantization bitsandbytes`, nf4).
-IN_FLIGHT_VARIANTS = ["llava-bf16", "gemma3-bf16", "qwen2_5_vl-bf16"]
+IN_FLIGHT_VARIANTS = [
+    "llava-bf16", "gemma3-bf16", "qwen2_5_vl-bf16", "mistral3-bf16", "qwen3_vl-bf16",
+]
 
 
 def _tolerances(ref: dict) -> tuple[float, float]:
@@ -192,3 +201,22 @@ def test_served_family_matches_hf(served):
     # The API's prompt logprobs, and so the token ids read from them, start at the second.
     _check_all_cases(got, expected, ckpt, ref, TOL_BF16, SOFT_TOL_BF16, first_id=1)
     _check_red_and_blue(got, expected, ref, TOL_BF16)
+
+
+# ------------------------------------------------------------------ tensor parallel
+
+
+def test_tensor_parallel_2_multimodal_matches_hf(tiny):
+    """TP=2 on a multimodal checkpoint: the CLIP tower's, projector's and text model's
+    packed weights are cut per rank (column, row, fused qkv/gate_up) and its unbuilt last
+    tower layer is left out on both ranks (test_parallel covers text-only Llama)."""
+    ckpt = tiny["llava-wide-nf4-dq"]
+    ref = load_reference(ckpt)
+    got = run_llm_chat(
+        str(ckpt), _conversations(ref), env={"VLLM_CPU_OMP_THREADS_BIND": "0|1"},
+        load_format="bitsandbytes", dtype="float32", tensor_parallel_size=2,
+        limit_mm_per_prompt={"image": 1},
+    )
+    expected = ref["references"]["float32"]
+    _check_all_cases(got, expected, ckpt, ref, TOL_4BIT, SOFT_TOL_4BIT)
+    _check_red_and_blue(got, expected, ref, TOL_4BIT)

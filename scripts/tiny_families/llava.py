@@ -92,26 +92,26 @@ def image_processor() -> CLIPImageProcessor:
     )
 
 
-def vision_config() -> CLIPVisionConfig:
+def vision_config(wide: bool = False) -> CLIPVisionConfig:
     return CLIPVisionConfig(
-        hidden_size=64,
-        intermediate_size=128,
+        hidden_size=128 if wide else 64,
+        intermediate_size=256 if wide else 128,
         num_hidden_layers=2,
-        num_attention_heads=2,
+        num_attention_heads=4 if wide else 2,
         image_size=IMAGE_SIZE,
         patch_size=PATCH_SIZE,
         projection_dim=64,
     )
 
 
-def text_config(tok: LlamaTokenizer) -> LlamaConfig:
+def text_config(tok: LlamaTokenizer, wide: bool = False) -> LlamaConfig:
     return LlamaConfig(
         vocab_size=VOCAB_SIZE,
-        hidden_size=64,
-        intermediate_size=128,
+        hidden_size=128 if wide else 64,
+        intermediate_size=256 if wide else 128,
         num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=1,
+        num_attention_heads=4 if wide else 2,
+        num_key_value_heads=2 if wide else 1,
         head_dim=32,
         max_position_embeddings=1024,
         tie_word_embeddings=False,
@@ -121,10 +121,10 @@ def text_config(tok: LlamaTokenizer) -> LlamaConfig:
     )
 
 
-def config(tok: LlamaTokenizer) -> LlavaConfig:
+def config(tok: LlamaTokenizer, wide: bool = False) -> LlavaConfig:
     return LlavaConfig(
-        vision_config=vision_config(),
-        text_config=text_config(tok),
+        vision_config=vision_config(wide),
+        text_config=text_config(tok, wide),
         image_token_id=tok.convert_tokens_to_ids(IMAGE_TOKEN),
         vision_feature_layer=-2,  # LLaVA 1.5: vLLM builds the tower without its last layer
         vision_feature_select_strategy="default",
@@ -167,6 +167,9 @@ class Llava(Family):
     bases = {
         "llava": Base("llava", scales(3001)),
         "llava-legacy": Base("llava", scales(3001), {"layout": "legacy"}),
+        # Hidden 128 / 4 heads in tower and text: every TP=2 cut falls on a 64-element
+        # quant-block boundary.
+        "llava-wide": Base("llava", scales(3002), {"wide": True}),
     }
     variants = [
         Variant("llava-bf16", "llava", description="unquantized (in-flight source)"),
@@ -195,11 +198,12 @@ class Llava(Family):
             "transformers 4.x key layout (language_model.model.*, vision_tower.vision_model.*)",
             _check_legacy_layout,
         ),
+        Variant("llava-wide-nf4-dq", "llava-wide", NF4_DQ, DEFAULT_GROUPS, "nf4 + dq, TP-sized"),
     ]
 
     def new_model(self, base: Base) -> tuple[nn.Module, Any, list[int]]:
         tok = tokenizer()
-        model = LlavaForConditionalGeneration(config(tok))
+        model = LlavaForConditionalGeneration(config(tok, base.options.get("wide", False)))
         processor = LlavaProcessor(
             image_processor=image_processor(),
             tokenizer=tok,
