@@ -10,6 +10,7 @@ README's support matrix name the test and variant that prove them.
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import pytest
@@ -103,15 +104,20 @@ def _check_red_and_blue(got: list[dict], expected: dict, ref: dict, tol: float) 
 # ------------------------------------------------------------------ pre-quantized, vllm.LLM
 
 
+@functools.cache
+def _prequantized_run(ckpt: Path) -> list[dict]:
+    # Cached per process: pytest may set a parametrized module fixture up again when
+    # tests of other parameters run in between (seen under xdist); the engine runs once.
+    return run_llm_chat(
+        str(ckpt), _conversations(load_reference(ckpt)), load_format="bitsandbytes",
+        dtype="float32", limit_mm_per_prompt={"image": 1},
+    )
+
+
 @pytest.fixture(scope="module", params=LLM_VARIANTS)
 def llm_run(request, tiny):
     ckpt = tiny[request.param]
-    ref = load_reference(ckpt)
-    got = run_llm_chat(
-        str(ckpt), _conversations(ref), load_format="bitsandbytes", dtype="float32",
-        limit_mm_per_prompt={"image": 1},
-    )
-    return ckpt, ref, got
+    return ckpt, load_reference(ckpt), _prequantized_run(ckpt)
 
 
 def test_prequantized_family_matches_hf(llm_run):
@@ -154,15 +160,20 @@ def _hf_in_flight_references(ckpt: Path, ref: dict) -> dict:
     }
 
 
-@pytest.fixture(scope="module", params=IN_FLIGHT_VARIANTS)
-def in_flight_run(request, tiny):
-    ckpt = tiny[request.param]
+@functools.cache
+def _in_flight_run(ckpt: Path) -> tuple[list[dict], dict]:
     ref = load_reference(ckpt)
     got = run_llm_chat(
         str(ckpt), _conversations(ref), quantization="bitsandbytes",
         load_format="bitsandbytes", dtype="float32", limit_mm_per_prompt={"image": 1},
     )
-    return ckpt, ref, got, _hf_in_flight_references(ckpt, ref)
+    return got, _hf_in_flight_references(ckpt, ref)
+
+
+@pytest.fixture(scope="module", params=IN_FLIGHT_VARIANTS)
+def in_flight_run(request, tiny):
+    ckpt = tiny[request.param]
+    return ckpt, load_reference(ckpt), *_in_flight_run(ckpt)
 
 
 def test_in_flight_family_matches_hf_in_flight(in_flight_run):
