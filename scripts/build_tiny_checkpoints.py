@@ -38,12 +38,14 @@ import argparse
 import contextlib
 import fcntl
 import json
+import multiprocessing
 import os
 import shutil
 import sys
 import tempfile
 import time
 from collections.abc import Iterator
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -65,6 +67,8 @@ from tiny_families.common import Base, Family, Variant
 BUILDER_VERSION = "tiny-ckpt-2026.1"
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_OUT = REPO_ROOT / ".cache" / "tiny"
+# Processes building bases in parallel (each variant still builds exactly as alone).
+BUILD_WORKERS = int(os.environ.get("TINY_BUILD_WORKERS", min(2, os.cpu_count() or 1)))
 
 # --------------------------------------------------------------------------------------------
 # Registries (names are a fixed API used by the tests); each family module owns its entries
@@ -302,17 +306,35 @@ def _remove_stale_staging(out: Path) -> None:
 
 
 def _build_all(names: list[str], out: Path) -> None:
+    """Bases are independent: their groups of variants build in parallel processes, one
+    core each (the build is CPU-bound torch; CI has 2 cores)."""
+    groups: dict[str, list[str]] = {}
+    for name in names:
+        groups.setdefault(VARIANTS[name].base, []).append(name)
+    ordered = sorted(groups.items(), key=lambda kv: -len(kv[1]))  # longest first
+    workers = min(len(ordered), BUILD_WORKERS)
+    if workers <= 1:
+        for base, members in ordered:
+            _build_group(base, members, out)
+        return
+    threads = max(1, (os.cpu_count() or 1) // workers)
+    context = multiprocessing.get_context("spawn")  # no forked torch state
+    with ProcessPoolExecutor(
+        workers, mp_context=context, initializer=torch.set_num_threads, initargs=(threads,)
+    ) as pool:
+        for job in [pool.submit(_build_group, base, members, out) for base, members in ordered]:
+            job.result()
+
+
+def _build_group(base_name: str, names: list[str], out: Path) -> None:
     with tempfile.TemporaryDirectory(prefix=".bases-", dir=out) as tmp:
-        bases: dict[str, Path] = {}
+        base_dir = Path(tmp) / base_name
+        base = BASES[base_name]
+        FAMILIES[base.family].save_base(base, base_dir)
         for name in names:
-            variant = VARIANTS[name]
-            if variant.base not in bases:
-                bases[variant.base] = Path(tmp) / variant.base
-                base = BASES[variant.base]
-                FAMILIES[base.family].save_base(base, bases[variant.base])
             staging = Path(tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=out))
             try:
-                data = build_variant(variant, bases[variant.base], staging)
+                data = build_variant(VARIANTS[name], base_dir, staging)
                 (staging / "reference.json").write_text(json.dumps(data, indent=1) + "\n")
                 _publish(staging, out / name)
             finally:
