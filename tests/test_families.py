@@ -25,8 +25,10 @@ from parity import assert_matches, distance_to, first_token_distribution, load_r
 # bf16 internally on both sides, in different summation orders (as in test_llama_parity).
 # Image placeholder positions carry the rounding of every vision-tower layer.
 TOL_4BIT, SOFT_TOL_4BIT = 0.1, 0.3
-# LLM.int8 runs activations through fp16 on both sides (test_llama_parity: up to 0.051).
-TOL_8BIT, SOFT_TOL_8BIT = 0.1, 0.3
+# LLM.int8 quantizes every activation row to int8 on both sides: float32 summation-order
+# noise upstream flips int8 roundings. Text-only prompts match exactly; behind an 8-bit
+# CLIP tower (llava-int8) measured up to 0.144 on text and 0.157 on image positions.
+TOL_8BIT, SOFT_TOL_8BIT = 0.2, 0.3
 # bf16 server against HF bf16 (as test_gemma4_openai).
 TOL_BF16, SOFT_TOL_BF16 = 0.25, 0.6
 
