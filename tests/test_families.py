@@ -137,7 +137,9 @@ def test_prequantized_family_tells_red_from_blue(llm_run):
 
 def _hf_in_flight_references(ckpt: Path, ref: dict) -> dict:
     """HF transformers quantizing the bf16 checkpoint the way the plugin does in flight
-    (nf4, blocksize 64, no double quant), run in float32 on the same cases."""
+    (nf4, blocksize 64, no double quant), run in float32 on the same cases. Linears that
+    vLLM builds as plain layers (Mistral 3's merging_layer) cannot be quantized in flight
+    there, so HF skips them too (with lm_head, which its default list skips)."""
     import transformers
     from transformers import BitsAndBytesConfig
 
@@ -146,9 +148,10 @@ def _hf_in_flight_references(ckpt: Path, ref: dict) -> dict:
 
     family = FAMILIES[ref["family"]]
     processor = family.load_processor(ckpt)
+    skip = ["lm_head", *family.vllm_plain_linears] if family.vllm_plain_linears else None
     config = BitsAndBytesConfig(
         load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=False,
-        bnb_4bit_compute_dtype=torch.float32,
+        bnb_4bit_compute_dtype=torch.float32, llm_int8_skip_modules=skip,
     )
     model = getattr(transformers, ref["architecture"]).from_pretrained(
         ckpt, quantization_config=config, dtype=torch.float32

@@ -239,6 +239,10 @@ class Family:
     # Leaf module names that form a group of their own wherever they sit.
     group_leaves: tuple[tuple[str, str], ...] = ()
     media: tuple[str, ...] = ("image",)  # media kinds of the reference cases
+    # Linear modules (transformers' names) that vLLM builds as plain layers: stored packed
+    # they are dequantized; quantized in flight they stay unquantized, so an in-flight HF
+    # reference has to skip them too.
+    vllm_plain_linears: tuple[str, ...] = ()
 
     # ---------------------------------------------------------------- base checkpoint
 

@@ -117,6 +117,7 @@ class Mistral3(Family):
         ("model.vision_tower.", "vision_tower"),
         ("model.multi_modal_projector.", "projector"),
     )
+    vllm_plain_linears = ("model.multi_modal_projector.patch_merger.merging_layer",)
     bases = {"mistral3": Base("mistral3", scales(6001))}
     variants = [
         Variant("mistral3-bf16", "mistral3", description="unquantized (in-flight source)"),
