@@ -135,7 +135,7 @@ def _tokenizer(vocab_size: int):
     from tokenizers import Tokenizer, models, normalizers, trainers
     from transformers import GemmaTokenizer
 
-    from build_tiny_checkpoints import GEMMA4_CHAT_TEMPLATE as CHAT_TEMPLATE
+    from tiny_families.gemma4 import CHAT_TEMPLATE
 
     reserved = SPECIAL + list(NAMED.values()) + [VIDEO]
     prefix = reserved + [f"<0x{i:02X}>" for i in range(256)]

@@ -14,7 +14,7 @@ import math
 import os
 import struct
 import wave
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -73,14 +73,24 @@ def write_audio(ckpt_dir: Path) -> None:
         w.writeframes(samples.tobytes())
 
 
-def _read_wav(path: Path) -> np.ndarray:
+def read_wav(path: Path) -> np.ndarray:
     with wave.open(str(path), "rb") as w:
         frames = w.readframes(w.getnframes())
     return np.frombuffer(frames, dtype="<i2").astype(np.float32) / 32768.0
 
 
-def build_cases(ckpt_dir: Path, *, images: bool, audio: bool) -> list[dict[str, Any]]:
-    """The fixed case list. ``messages`` are ready to send to vLLM's OpenAI chat endpoint."""
+def write_media(ckpt_dir: Path, kinds: Iterable[str]) -> None:
+    if "image" in kinds:
+        write_images(ckpt_dir)
+    if "audio" in kinds:
+        write_audio(ckpt_dir)
+
+
+def build_cases(ckpt_dir: Path, kinds: Iterable[str]) -> list[dict[str, Any]]:
+    """The fixed case list: text cases, then one per media kind in ``kinds`` (files already
+    written). ``messages`` are ready to send to vLLM's OpenAI chat endpoint."""
+    kinds = set(kinds)
+    images, audio = "image" in kinds, "audio" in kinds
     cases: list[dict[str, Any]] = [
         {"name": f"text-{i}", "kind": "text", "messages": _text_message(prompt)}
         for i, prompt in enumerate(TEXT_PROMPTS)
@@ -119,69 +129,6 @@ def build_cases(ckpt_dir: Path, *, images: bool, audio: bool) -> list[dict[str, 
     return cases
 
 
-def _hf_messages(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """OpenAI parts -> HF chat-template parts, the same mapping vLLM applies."""
-    out = []
-    for msg in messages:
-        content = msg["content"]
-        if isinstance(content, str):
-            content = [{"type": "text", "text": content}]
-        parts = []
-        for part in content:
-            kind = part["type"]
-            if kind == "text":
-                parts.append({"type": "text", "text": part["text"]})
-            elif kind == "image_url":
-                parts.append({"type": "image"})
-            elif kind == "input_audio":
-                parts.append({"type": "audio"})
-            else:
-                raise ValueError(f"unsupported content part {kind!r}")
-        out.append({"role": msg["role"], "content": parts})
-    return out
-
-
-# --------------------------------------------------------------------------------------------
-# Prompt encoding (must equal what vLLM sends to the model)
-# --------------------------------------------------------------------------------------------
-
-
-def load_processor(ckpt_dir: Path, family: str) -> Any:
-    """Tokenizer (llama) or Gemma4Processor (gemma4), loaded the way vLLM 0.32 loads it.
-
-    vLLM calls ``Gemma4Processor.from_pretrained(path)`` without a ``backend`` kwarg, so the
-    image processor is transformers' default: the torchvision backend when torchvision is
-    installed (the PIL backend differs by up to 1/255 per pixel after resizing).
-    """
-    if family == "llama":
-        return transformers.AutoTokenizer.from_pretrained(ckpt_dir)
-    return transformers.AutoProcessor.from_pretrained(ckpt_dir)
-
-
-def encode_case(
-    processor: Any, family: str, case: dict[str, Any], ckpt_dir: Path
-) -> dict[str, torch.Tensor]:
-    """Model inputs for one case; chat template rendered, no extra BOS (vLLM adds none)."""
-    if family == "llama":
-        text = processor.apply_chat_template(
-            case["messages"], add_generation_prompt=True, tokenize=False
-        )
-        ids = processor(text, add_special_tokens=False)["input_ids"]
-        return {"input_ids": torch.tensor([ids])}
-    text = processor.apply_chat_template(
-        _hf_messages(case["messages"]), add_generation_prompt=True, tokenize=False
-    )
-    media: dict[str, Any] = {}
-    if case["kind"] == "image":
-        # vLLM decodes the data URL with PIL and converts to RGB before the HF processor.
-        media["images"] = [Image.open(ckpt_dir / case["media_file"]).convert("RGB")]
-    elif case["kind"] == "audio":
-        media["audio"] = [_read_wav(ckpt_dir / case["media_file"])]
-    # add_special_tokens=False: the template already starts with <bos>; the processor would
-    # otherwise prepend a second one.
-    return dict(processor(text=text, add_special_tokens=False, return_tensors="pt", **media))
-
-
 # --------------------------------------------------------------------------------------------
 # Model loading
 # --------------------------------------------------------------------------------------------
@@ -193,6 +140,25 @@ def _set_bnb_compute_dtype(model: nn.Module, dtype: torch.dtype) -> None:
     for module in model.modules():
         if isinstance(module, bnb.nn.Linear4bit):
             module.compute_dtype = dtype
+
+
+def upcast_plain_tensors(model: nn.Module, dtype: torch.dtype) -> int:
+    """transformers 5.19 keeps some pre-quantized models' unquantized tensors in the stored
+    bf16 whatever ``dtype`` says (seen on Gemma 3); upcast them, so a float32 reference is
+    float32. Packed weights and bitsandbytes' own tensors are left alone, and nothing is
+    ever narrowed (HF keeps e.g. rotary tables in float32 on purpose)."""
+    count = 0
+    for module in model.modules():
+        if isinstance(module, (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt)):
+            tensors = [module.bias] if module.bias is not None else []
+        else:
+            tensors = [*module.parameters(recurse=False), *module.buffers(recurse=False)]
+        for tensor in tensors:
+            wider = tensor.is_floating_point() and tensor.dtype.itemsize < dtype.itemsize
+            if wider and dtype.is_floating_point:
+                tensor.data = tensor.data.to(dtype)
+                count += 1
+    return count
 
 
 def _plain_lm_head(head: nn.Linear, dtype: torch.dtype) -> tuple[nn.Linear, str]:
@@ -233,6 +199,12 @@ def load_reference_model(
     model = cls.from_pretrained(ckpt_dir, dtype=dtype).eval()
     _set_bnb_compute_dtype(model, dtype)
     notes: list[str] = []
+    recast = upcast_plain_tensors(model, dtype)
+    if recast:
+        notes.append(
+            f"{recast} unquantized tensor(s) loaded in the checkpoint's dtype despite "
+            f"dtype={dtype}; cast to {dtype}"
+        )
     error = _probe(model, probe_inputs)
     if error is None:
         return model, notes
@@ -311,11 +283,12 @@ def reference_for_case(
 
 
 def compute_references(
-    ckpt_dir: Path, family: str, architecture: str, cases: list[dict[str, Any]]
+    ckpt_dir: Path, family: Any, architecture: str, cases: list[dict[str, Any]]
 ) -> tuple[dict[str, dict[str, Any]], list[str], dict[str, Any]]:
-    """Run every case in fp32 and bf16. Returns (references, notes, processor info)."""
-    processor = load_processor(ckpt_dir, family)
-    encoded = {case["name"]: encode_case(processor, family, case, ckpt_dir) for case in cases}
+    """Run every case in fp32 and bf16. ``family`` (a ``tiny_families`` Family) loads the
+    processor and encodes each case. Returns (references, notes, processor info)."""
+    processor = family.load_processor(ckpt_dir)
+    encoded = {case["name"]: family.encode_case(processor, case, ckpt_dir) for case in cases}
     references: dict[str, dict[str, Any]] = {}
     notes: list[str] = []
     for dtype_name, dtype in DTYPES.items():
@@ -413,30 +386,59 @@ def four_bit_keys(module: str, double_quant: bool, fmt: str) -> set[str]:
     return {f"{module}.weight{s}" for s in suffixes}
 
 
-def module_group(name: str) -> str:
-    """Coarse component of a Linear module, used to state which parts a variant quantizes."""
-    if name == "lm_head":
-        return "lm_head"
-    for group in ("vision_tower", "embed_vision", "audio_tower", "embed_audio"):
-        if name.startswith(f"model.{group}."):
-            return group
-    leaf = name.rsplit(".", 1)[-1]
-    if leaf in ("per_layer_model_projection", "per_layer_input_gate", "per_layer_projection"):
-        return "ple"
-    return "text"
-
-
 def linear_module_names(model: nn.Module) -> list[str]:
     """Names of all Linear layers (BnB ones included: they subclass nn.Linear)."""
     return sorted(name for name, m in model.named_modules() if isinstance(m, nn.Linear))
 
 
 def expected_packed(
-    linear_modules: Iterable[str], groups: Iterable[str], fmt: str, tied_lm_head: bool
+    linear_modules: dict[str, str],
+    groups: Iterable[str],
+    fmt: str,
+    tied_lm_head: bool,
+    module_group: Callable[[str], str],
 ) -> dict[str, str]:
+    """File module name -> format for every Linear whose group the variant quantizes;
+    ``linear_modules`` maps transformers' module names (which groups are stated in) to the
+    names in the files."""
     groups = set(groups)
     return {
-        name: fmt
+        linear_modules[name]: fmt
         for name in sorted(linear_modules)
         if module_group(name) in groups and not (name == "lm_head" and tied_lm_head)
     }
+
+
+def linear_modules_on_disk(ckpt_dir: Path) -> dict[str, str]:
+    """Every Linear of the bf16 checkpoint: transformers' module name -> name in the files.
+
+    transformers 5 renames some layouts on load (e.g. LLaVA's ``language_model.model.*`` ->
+    ``model.language_model.*``) and back on save, so the two differ; matched by content
+    (seeded random weights are unique). A weight with no tensor of its own (a tied lm_head)
+    keeps its module name.
+    """
+    from safetensors.torch import load_file
+
+    config = transformers.AutoConfig.from_pretrained(ckpt_dir)
+    model = getattr(transformers, config.architectures[0]).from_pretrained(
+        ckpt_dir, dtype=torch.bfloat16
+    )
+    by_content: dict[bytes, list[str]] = {}
+    for file in sorted(ckpt_dir.glob("*.safetensors")):
+        for key, tensor in load_file(file).items():
+            by_content.setdefault(_content_key(tensor), []).append(key)
+    tied = model.get_input_embeddings().weight
+    names: dict[str, str] = {}
+    for name in linear_module_names(model):
+        weight = model.get_submodule(name).weight
+        keys = by_content.get(_content_key(weight.detach()), [])
+        if weight is tied or f"{name}.weight" in keys or len(keys) != 1:
+            names[name] = name
+        else:
+            names[name] = keys[0].removesuffix(".weight")
+    return names
+
+
+def _content_key(tensor: torch.Tensor) -> bytes:
+    data = tensor.contiguous().view(-1).view(torch.uint8).numpy().tobytes()
+    return str(tensor.dtype).encode() + str(tuple(tensor.shape)).encode() + data

@@ -76,7 +76,28 @@ def run_llm(
         "max_tokens": max_tokens,
         "bnb_layers_out": bnb_layers_out,
     }
-    if bnb_layers_out:
+    return _run_llm_spec(spec, env, timeout)
+
+
+def run_llm_chat(
+    model: str, conversations: list[list[dict]], max_tokens: int = 8, env: dict | None = None,
+    timeout: float = 600, **llm_kwargs,
+) -> list[dict]:
+    """`run_llm` for OpenAI-format chat conversations (images as data URLs) through
+    `LLM.chat`: vLLM renders the chat template and runs its multimodal processor, as
+    the server does. Each result also holds the `prompt_token_ids` vLLM built."""
+    spec = {
+        "model": model,
+        "llm_kwargs": {**ENGINE_KWARGS, **llm_kwargs},
+        "conversations": conversations,
+        "max_tokens": max_tokens,
+    }
+    return _run_llm_spec(spec, env, timeout)
+
+
+def _run_llm_spec(spec: dict, env: dict | None, timeout: float) -> list[dict]:
+    model = spec["model"]
+    if spec.get("bnb_layers_out"):
         # The workers unpickle a function of tests/run_llm.py.
         path = os.pathsep.join(p for p in (str(HERE), os.environ.get("PYTHONPATH")) if p)
         env = {**(env or {}), "VLLM_ALLOW_INSECURE_SERIALIZATION": "1", "PYTHONPATH": path}

@@ -4,6 +4,7 @@ Tests call this in a subprocess so every engine starts and dies cleanly:
     python tests/run_llm.py SPEC_JSON  ->  stdout last line: {"results": [...]}
 SPEC: {"model": path, "llm_kwargs": {...}, "prompts": [[token ids]...], "max_tokens": n,
        "bnb_layers_out": optional path: torch.save of every BnB layer as the engine holds it}
+   or {..., "conversations": [[OpenAI chat messages]...]} (through LLM.chat)
 """
 
 from __future__ import annotations
@@ -45,9 +46,14 @@ def main() -> None:
         max_tokens=spec.get("max_tokens", 8), temperature=0.0, logprobs=10, prompt_logprobs=1,
         ignore_eos=True,
     )
-    outputs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in spec["prompts"]], params)
+    if "conversations" in spec:
+        outputs = llm.chat(spec["conversations"], params, add_generation_prompt=True)
+        prompts = [list(out.prompt_token_ids) for out in outputs]
+    else:
+        prompts = spec["prompts"]
+        outputs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params)
     results = []
-    for prompt, out in zip(spec["prompts"], outputs, strict=True):
+    for prompt, out in zip(prompts, outputs, strict=True):
         plp = [
             None if d is None else d[token].logprob
             for token, d in zip(prompt, out.prompt_logprobs, strict=True)
@@ -60,6 +66,7 @@ def main() -> None:
                 ([t, lp.logprob] for t, lp in first.items()), key=lambda x: -x[1]
             ),
             "greedy_token_ids": list(completion.token_ids),
+            "prompt_token_ids": prompt,
         })
     if spec.get("bnb_layers_out"):
         import run_llm  # by module name, so the workers can unpickle the function

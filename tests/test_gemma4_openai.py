@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 from openai import OpenAI
 
+from chat_requests import ask, placeholder_ids
 from engines import openai_server
 from parity import assert_matches, distance_to, first_token_distribution, load_reference
 
@@ -60,43 +61,6 @@ def served(request, tiny, tmp_path_factory):
         yield request.param, ckpt, client, server
 
 
-def ask(client: OpenAI, ckpt, messages: list[dict]) -> dict:
-    """One chat completion; logprobs keyed by token id, like the reference."""
-    response = client.chat.completions.create(
-        model=str(ckpt), messages=messages, max_tokens=8, temperature=0.0,
-        logprobs=True, top_logprobs=10,
-        extra_body={"prompt_logprobs": 1, "return_tokens_as_token_ids": True,
-                    "ignore_eos": True},
-    )
-    choice = response.choices[0]
-    first = choice.logprobs.content[0].top_logprobs
-    prompt = response.model_extra["prompt_logprobs"]
-    prompt_ids = [_id_of_actual(entry) for entry in prompt[1:]]
-    return {
-        "prompt_logprobs": [lp for _, lp in prompt_ids],
-        "prompt_token_ids": [tok for tok, _ in prompt_ids],
-        "next_top_logprobs": [[_token_id(t.token), t.logprob] for t in first],
-        "greedy_token_ids": [_token_id(c.token) for c in choice.logprobs.content],
-    }
-
-
-def _token_id(token: str) -> int:
-    return int(token.removeprefix("token_id:"))
-
-
-def _id_of_actual(entry: dict) -> tuple[int, float]:
-    # The actual prompt token is the entry with the largest rank when it is not top-1;
-    # with prompt_logprobs=1 the dict holds it plus (maybe) the top-1 token.
-    items = sorted(entry.items(), key=lambda kv: -kv[1]["rank"])
-    token, info = items[0]
-    return int(token), info["logprob"]
-
-
-def _placeholder_ids(ckpt) -> frozenset[int]:
-    config = json.loads((ckpt / "config.json").read_text())
-    return frozenset(config[k] for k in ("image_token_id", "audio_token_id") if k in config)
-
-
 def _cases(ckpt, kinds):
     ref = load_reference(ckpt)
     return ref, [c for c in ref["cases"] if c["kind"] in kinds]
@@ -114,7 +78,7 @@ def test_answers_match_hf_reference(served, kinds):
         assert got["prompt_token_ids"] == expected["prompt_token_ids"][1:]
         assert_matches(
             got, expected, TOL, f"{variant}/{case['name']}",
-            soft_token_ids=_placeholder_ids(ckpt), soft_tol=SOFT_TOL,
+            soft_token_ids=placeholder_ids(ckpt), soft_tol=SOFT_TOL,
         )
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 import torch
 from bitsandbytes import functional as bnbf
@@ -82,3 +84,93 @@ def test_uninitialized_parameter_is_an_error(tmp_path):
     model = PlainModel({"head": (64, 128), "missing": (4, 4)})
     with pytest.raises(CheckpointError, match="missing"):
         _loader(path).load_weights(model, None)
+
+
+class Layer(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(128, 64, bias=False)
+
+
+class LayerCountOverrideModel(nn.Module):
+    """Loads like vLLM's CLIP/SigLIP/Pixtral towers built with `num_hidden_layers_override`
+    (LLaVA's `vision_feature_layer: -2`): checkpoint layers at or past the built count are
+    skipped by index; and like many vLLM models it also skips names it has no parameter
+    for without raising, so only the loader's accounting can catch those."""
+
+    def __init__(self, layers: list[nn.Module]) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(layers)
+
+    def load_weights(self, weights):
+        from vllm.model_executor.models.utils import PPMissingLayer
+
+        params = dict(self.named_parameters())
+        loaded = set()
+        for name, tensor in weights:
+            index = int(name.split(".")[1])
+            if index >= len(self.layers) or isinstance(self.layers[index], PPMissingLayer):
+                continue
+            if name in params:
+                params[name].weight_loader(params[name], tensor)
+                loaded.add(name)
+        return loaded
+
+
+class _Capture(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(record.getMessage())
+
+
+@pytest.fixture
+def load_log():
+    log = logging.getLogger("vllm.vllm_bnb_mm.loader")
+    handler, level = _Capture(), log.level
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    yield handler.lines
+    log.removeHandler(handler)
+    log.setLevel(level)
+
+
+def test_packed_layer_past_the_built_count_is_accepted_and_listed(tmp_path, load_log):
+    tensors = {
+        **packed_4bit_tensors("layers.0.fc", _w()),
+        **packed_4bit_tensors("layers.1.fc", _w(seed=1)),  # the layer vLLM does not build
+    }
+    path = write(tmp_path / "m.safetensors", tensors)
+    model = LayerCountOverrideModel([Layer()])
+    _loader(path).load_weights(model, None)
+    _, state = bnbf.quantize_4bit(_w(), quant_type="nf4", compress_statistics=True)
+    expected = bnbf.dequantize_4bit(tensors["layers.0.fc.weight"], state)
+    torch.testing.assert_close(model.layers[0].fc.weight, expected, rtol=0, atol=1e-6)
+    summary = [line for line in load_log if "left out" in line]
+    assert len(summary) == 1 and "layers.1.fc.weight" in summary[0], load_log
+    assert "built with 1 layer(s); layer 1 is unused" in summary[0] and "(1 packed)" in summary[0]
+
+
+def test_packed_layer_of_another_pipeline_stage_is_accepted(tmp_path, load_log):
+    from vllm.model_executor.models.utils import PPMissingLayer
+
+    tensors = {
+        **packed_4bit_tensors("layers.0.fc", _w()),
+        **packed_4bit_tensors("layers.1.fc", _w(seed=1)),
+    }
+    path = write(tmp_path / "m.safetensors", tensors)
+    _loader(path).load_weights(LayerCountOverrideModel([Layer(), PPMissingLayer()]), None)
+    assert any("layers.1 belongs to another pipeline stage" in line for line in load_log)
+
+
+def test_packed_tensor_with_a_name_the_model_does_not_know_is_an_error(tmp_path):
+    tensors = {
+        **packed_4bit_tensors("layers.0.fc", _w()),
+        **packed_4bit_tensors("layers.0.extra", _w(seed=1)),  # no such module
+    }
+    path = write(tmp_path / "m.safetensors", tensors)
+    expected = r"m\.safetensors: 1 packed .* \(e\.g\. 'layers\.0\.extra\.weight'\)"
+    with pytest.raises(CheckpointError, match=expected):
+        _loader(path).load_weights(LayerCountOverrideModel([Layer()]), None)

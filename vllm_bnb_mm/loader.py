@@ -82,8 +82,8 @@ class BnbModelLoader(BaseModelLoader):
         finally:
             restore()
         check_all_params_loaded(model, loaded)
-        check_packed_tensors_loaded(layout, model)
-        log_load_summary(layout, model)
+        left_out = check_packed_tensors_loaded(layout, model)
+        log_load_summary(layout, model, left_out)
         PACKED.reset()
 
     # ------------------------------------------------------------ files
@@ -372,42 +372,69 @@ def raise_with_last_tensor(
     ) from error
 
 
-def check_packed_tensors_loaded(layout: CheckpointLayout, model: nn.Module) -> None:
-    """Every packed tensor must reach a weight loader, unless the model deliberately left
-    its module out (a tower disabled by --limit-mm-per-prompt, another pipeline stage)
-    or its mapper drops it: quantized weights are never dropped silently."""
-    from vllm.model_executor.models.utils import PPMissingLayer, StageMissingLayer
-
+def check_packed_tensors_loaded(layout: CheckpointLayout, model: nn.Module) -> dict[str, str]:
+    """Every packed tensor must reach a weight loader unless the model deliberately left
+    its module out; quantized weights are never dropped silently. Returns checkpoint
+    name -> reason for every tensor (packed or plain) the model left out on purpose."""
     record = PACKED.record
-    unseen = [
-        n for n in layout.quantized
-        if n in record.yielded and record.yielded[n] not in record.seen
-    ]
-    if not unseen:
-        return
-    mapper = getattr(type(model), "hf_to_vllm_mapper", None)
-    skipped = [
-        name + "." for name, module in model.named_modules()
-        if isinstance(module, (StageMissingLayer, PPMissingLayer))
-    ]
-    dropped = []
-    for name in unseen:
-        mapped = mapper.apply_list([name]) if mapper is not None else [name]
-        if mapped and not any(mapped[0].startswith(prefix) for prefix in skipped):
-            dropped.append(name)
-    if dropped:
+    unseen = sorted(n for n, ptr in record.yielded.items() if ptr not in record.seen)
+    reasons = {name: omission_reason(model, name) for name in unseen}
+    unknown = [n for n in unseen if n in layout.quantized and reasons[n] is None]
+    if unknown:
         raise CheckpointError(
-            f"{layout.tensors[dropped[0]].file}: {len(dropped)} packed bitsandbytes "
+            f"{layout.tensors[unknown[0]].file}: {len(unknown)} packed bitsandbytes "
             f"weight(s) reached no weight loader of {type(model).__name__} (e.g. "
-            + ", ".join(repr(n) for n in dropped[:5])
+            + ", ".join(repr(n) for n in unknown[:5])
             + "): the model has no module for them, so they would be dropped silently. "
             "Is the checkpoint for this architecture and config.json?"
         )
+    return {name: reason for name, reason in reasons.items() if reason is not None}
 
 
-def log_load_summary(layout: CheckpointLayout, model: nn.Module) -> None:
+def omission_reason(model: nn.Module, name: str) -> str | None:
+    """Why `model` deliberately builds nothing for checkpoint tensor `name`, or None when
+    the name is unknown to it.
+
+    Follows the name down the module tree the way vLLM's loaders route it, applying each
+    module's `hf_to_vllm_mapper` to the name relative to that module, and recognises the
+    three ways vLLM models leave weights out on purpose:
+    - a placeholder module (`StageMissingLayer` for a tower disabled by
+      --limit-mm-per-prompt, `PPMissingLayer` for another pipeline stage);
+    - a layer list built shorter than the checkpoint's (a layer-count override, e.g. a
+      vision tower built only up to the feature layer it uses): index >= its length;
+    - a weight mapper that maps the name to None (weights the model declares unused).
+    Anything else (a module the model does not have, or a built module whose loader
+    never saw the tensor) is unknown.
+    """
+    from vllm.model_executor.models.utils import PPMissingLayer, StageMissingLayer, WeightsMapper
+
+    module, rest, path = model, name, []
+    while True:
+        where = ".".join(path) or type(model).__name__
+        if isinstance(module, PPMissingLayer):
+            return f"{where} belongs to another pipeline stage"
+        if isinstance(module, StageMissingLayer):
+            return f"{where} is not built (its {module.stage_name!r} stage is unused)"
+        mapper = getattr(module, "hf_to_vllm_mapper", None)
+        if isinstance(mapper, WeightsMapper):
+            mapped = mapper.map_name(rest)
+            if mapped is None:
+                return f"{type(module).__name__}'s weight mapper drops it"
+            rest = mapped
+        head, _, rest = rest.partition(".")
+        child = module._modules.get(head)
+        if child is None:
+            if isinstance(module, nn.ModuleList) and head.isdigit() and int(head) >= len(module):
+                return f"{where} is built with {len(module)} layer(s); layer {head} is unused"
+            return None
+        if not rest:
+            return None
+        module = child
+        path.append(head)
+
+
+def log_load_summary(layout: CheckpointLayout, model: nn.Module, left_out: dict[str, str]) -> None:
     record = PACKED.record
-    ignored = sorted(n for n, ptr in record.yielded.items() if ptr not in record.seen)
     if record.dequantized:
         extra = sum(record.dequantized.values())
         logger.info(
@@ -419,12 +446,21 @@ def log_load_summary(layout: CheckpointLayout, model: nn.Module) -> None:
             "BnB: quantized %d layer(s) in flight from plain tensors: %s",
             len(record.quantized_in_flight), ", ".join(sorted(record.quantized_in_flight)),
         )
-    if ignored:
-        from vllm.distributed import get_pp_group
-
-        why = "other pipeline stages or unused" if get_pp_group().world_size > 1 else "unused"
+    by_reason: dict[str, list[str]] = {}
+    for name, reason in left_out.items():
+        by_reason.setdefault(reason, []).append(name)
+    for reason, names in sorted(by_reason.items()):
+        packed = sum(n in layout.quantized for n in names)
         logger.info(
-            "BnB: %d checkpoint tensor(s) not loaded by %s.load_weights (%s): %s",
-            len(ignored), type(model).__name__, why, ", ".join(ignored[:20]),
+            "BnB: %d checkpoint tensor(s) (%d packed) left out by %s: %s: %s",
+            len(names), packed, type(model).__name__, reason,
+            ", ".join(names[:10]) + (" …" if len(names) > 10 else ""),
         )
-
+    unused = sorted(
+        n for n, ptr in record.yielded.items() if ptr not in record.seen and n not in left_out
+    )
+    if unused:
+        logger.info(
+            "BnB: %d plain checkpoint tensor(s) not loaded by %s.load_weights (unused): %s",
+            len(unused), type(model).__name__, ", ".join(unused[:20]),
+        )

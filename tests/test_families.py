@@ -1,0 +1,238 @@
+"""Every multimodal family users quantize with bitsandbytes, in real engines, against the
+HF transformers reference of the same checkpoint.
+
+One engine per checkpoint, shared by all of its cases (two text prompts, a red and a blue
+image). Parity runs through `vllm.LLM.chat` in float32 (vLLM renders the chat template and
+runs its multimodal processor, as the server does), so differences are the quantized math
+alone; one OpenAI server per family shows the same through the API in bf16. The cells of
+README's support matrix name the test and variant that prove them.
+"""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+
+import pytest
+import torch
+from openai import OpenAI
+
+from chat_requests import ask, placeholder_ids
+from engines import openai_server, run_llm_chat
+from parity import assert_matches, distance_to, first_token_distribution, load_reference
+
+# float32 engines against HF float32: bitsandbytes' CPU 4-bit kernel rounds activations to
+# bf16 internally on both sides, in different summation orders (as in test_llama_parity).
+# Image placeholder positions carry the rounding of every vision-tower layer.
+TOL_4BIT, SOFT_TOL_4BIT = 0.1, 0.3
+# LLM.int8 quantizes every activation row to int8 on both sides: float32 summation-order
+# noise upstream flips int8 roundings. Text-only prompts match exactly; behind an 8-bit
+# CLIP tower (llava-int8) measured up to 0.144 on text and 0.157 on image positions.
+TOL_8BIT, SOFT_TOL_8BIT = 0.2, 0.3
+# bf16 server against HF bf16 (as test_gemma4_openai).
+TOL_BF16, SOFT_TOL_BF16 = 0.25, 0.6
+
+# Checkpoints proven through vllm.LLM in float32, and what each one adds to the matrix.
+LLM_VARIANTS = [
+    "llava-vision-bf16",  # fp4, CLIP tower really bf16
+    "llava-int8",  # LLM.int8, default skip list (tower 8-bit, its last layer unbuilt)
+    "llava-legacy-nf4-dq",  # transformers 4.x key layout, default skip list
+    "llava_next-nf4-dq",  # anyres tiles + image_newline, default skip list
+    "gemma3-skip-unanchored",  # fp4, tower 4-bit under a skip list that matches nothing
+    "gemma3-vision-bf16",  # LLM.int8, SigLIP tower really bf16
+    "qwen2_5_vl-fp4",  # ['visual', 'lm_head']: tower and merger fp4
+    "qwen2_5_vl-int8",  # ['model.visual', 'lm_head']: tower and merger bf16
+    "mistral3-fp4",  # default skip list: Pixtral tower and merging_layer fp4
+    "mistral3-int8",  # tower and projector really bf16
+    "qwen3_vl-fp4",  # ['visual', 'lm_head']: tower and (deepstack) mergers fp4
+    "qwen3_vl-int8",  # ['model.visual', 'lm_head']: tower and mergers bf16
+]
+# One OpenAI server per family (image+text and text requests through the API).
+SERVER_VARIANTS = [
+    "llava-skip-projector",  # nf4+dq; recipe skip list matches nothing: lm_head 4-bit too
+    "gemma3-nf4-dq",  # nf4+dq, default skip list (tied lm_head)
+    "qwen2_5_vl-nf4-dq",  # nf4+dq; ['visual'] matches nothing: tower and lm_head 4-bit
+    "mistral3-skip-unanchored",  # nf4+dq; unanchored skips: merging_layer and lm_head 4-bit
+    "qwen3_vl-nf4-dq",  # nf4+dq; ['visual'] matches nothing: tower and lm_head 4-bit
+]
+# bf16 checkpoints quantized in flight (`--quantization bitsandbytes`, nf4).
+IN_FLIGHT_VARIANTS = [
+    "llava-bf16", "gemma3-bf16", "qwen2_5_vl-bf16", "mistral3-bf16", "qwen3_vl-bf16",
+]
+
+
+def _tolerances(ref: dict) -> tuple[float, float]:
+    config = ref["bnb_config"] or {}
+    if config.get("load_in_8bit"):
+        return TOL_8BIT, SOFT_TOL_8BIT
+    return TOL_4BIT, SOFT_TOL_4BIT
+
+
+def _conversations(ref: dict) -> list[list[dict]]:
+    return [case["messages"] for case in ref["cases"]]
+
+
+def _check_all_cases(
+    got: list[dict], expected: dict, ckpt: Path, ref: dict, tol: float, soft_tol: float,
+    first_id: int = 0,
+) -> None:
+    soft = placeholder_ids(ckpt)
+    for case, result in zip(ref["cases"], got, strict=True):
+        hf = expected[case["name"]]
+        label = f"{ref['variant']}/{case['name']}"
+        prompt = hf["prompt_token_ids"][first_id:]
+        assert result["prompt_token_ids"] == prompt, f"{label}: vLLM built another prompt"
+        assert_matches(result, hf, tol, label, soft_token_ids=soft, soft_tol=soft_tol)
+
+
+def _check_red_and_blue(got: list[dict], expected: dict, ref: dict, tol: float) -> None:
+    """Each colour's first-token distribution is near its own reference and far from the
+    other colour's (image features that do not reach the LM make both answer alike)."""
+    names = [case["name"] for case in ref["cases"]]
+    ours = {c: first_token_distribution(got[names.index(f"image-{c}")]) for c in ("red", "blue")}
+    hf = {
+        c: {int(t): lp for t, lp in expected[f"image-{c}"]["next_top_logprobs"]}
+        for c in ("red", "blue")
+    }
+    assert distance_to(hf["red"], hf["blue"]) > 0.5, f"{ref['variant']}: reference colours alike"
+    for colour, other in (("red", "blue"), ("blue", "red")):
+        own, cross = distance_to(ours[colour], hf[colour]), distance_to(ours[colour], hf[other])
+        assert own <= tol, f"{ref['variant']}: {colour} is {own:.3f} from its HF reference"
+        assert cross > 2 * own and cross > 0.5, (
+            f"{ref['variant']}: {colour} is as close to HF {other} ({cross:.3f}) as to its own"
+        )
+
+
+# ------------------------------------------------------------------ pre-quantized, vllm.LLM
+
+
+@functools.cache
+def _prequantized_run(ckpt: Path) -> list[dict]:
+    # Cached per process: pytest may set a parametrized module fixture up again when
+    # tests of other parameters run in between (seen under xdist); the engine runs once.
+    return run_llm_chat(
+        str(ckpt), _conversations(load_reference(ckpt)), load_format="bitsandbytes",
+        dtype="float32", limit_mm_per_prompt={"image": 1},
+    )
+
+
+@pytest.fixture(scope="module", params=LLM_VARIANTS)
+def llm_run(request, tiny):
+    ckpt = tiny[request.param]
+    return ckpt, load_reference(ckpt), _prequantized_run(ckpt)
+
+
+def test_prequantized_family_matches_hf(llm_run):
+    ckpt, ref, got = llm_run
+    _check_all_cases(got, ref["references"]["float32"], ckpt, ref, *_tolerances(ref))
+
+
+def test_prequantized_family_tells_red_from_blue(llm_run):
+    ckpt, ref, got = llm_run
+    _check_red_and_blue(got, ref["references"]["float32"], ref, _tolerances(ref)[0])
+
+
+# ------------------------------------------------------------------ in flight, vllm.LLM
+
+
+def _hf_in_flight_references(ckpt: Path, ref: dict) -> dict:
+    """HF transformers quantizing the bf16 checkpoint the way the plugin does in flight
+    (nf4, blocksize 64, no double quant), run in float32 on the same cases. Linears that
+    vLLM builds as plain layers (Mistral 3's merging_layer) cannot be quantized in flight
+    there, so HF skips them too (with lm_head, which its default list skips)."""
+    import transformers
+    from transformers import BitsAndBytesConfig
+
+    import tiny_reference
+    from tiny_families import FAMILIES
+
+    family = FAMILIES[ref["family"]]
+    processor = family.load_processor(ckpt)
+    skip = ["lm_head", *family.vllm_plain_linears] if family.vllm_plain_linears else None
+    config = BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=False,
+        bnb_4bit_compute_dtype=torch.float32, llm_int8_skip_modules=skip,
+    )
+    model = getattr(transformers, ref["architecture"]).from_pretrained(
+        ckpt, quantization_config=config, dtype=torch.float32
+    )
+    tiny_reference.upcast_plain_tensors(model, torch.float32)
+    return {
+        case["name"]: tiny_reference.reference_for_case(
+            model, family.encode_case(processor, case, ckpt), torch.float32
+        )
+        for case in ref["cases"]
+    }
+
+
+@functools.cache
+def _in_flight_run(ckpt: Path) -> tuple[list[dict], dict]:
+    ref = load_reference(ckpt)
+    got = run_llm_chat(
+        str(ckpt), _conversations(ref), quantization="bitsandbytes",
+        load_format="bitsandbytes", dtype="float32", limit_mm_per_prompt={"image": 1},
+    )
+    return got, _hf_in_flight_references(ckpt, ref)
+
+
+@pytest.fixture(scope="module", params=IN_FLIGHT_VARIANTS)
+def in_flight_run(request, tiny):
+    ckpt = tiny[request.param]
+    return ckpt, load_reference(ckpt), *_in_flight_run(ckpt)
+
+
+def test_in_flight_family_matches_hf_in_flight(in_flight_run):
+    ckpt, ref, got, expected = in_flight_run
+    _check_all_cases(got, expected, ckpt, ref, TOL_4BIT, SOFT_TOL_4BIT)
+    # and it really was quantized: the unquantized model's logprobs differ
+    plain = ref["references"]["float32"]
+    gaps = [
+        max(abs(a - b) for a, b in zip(r["prompt_logprobs"], plain[c["name"]]["prompt_logprobs"],
+                                       strict=True))
+        for c, r in zip(ref["cases"], got, strict=True)
+    ]
+    assert max(gaps) > 0.05, gaps
+
+
+def test_in_flight_family_tells_red_from_blue(in_flight_run):
+    ckpt, ref, got, expected = in_flight_run
+    _check_red_and_blue(got, expected, ref, TOL_4BIT)
+
+
+# ------------------------------------------------------------------ OpenAI server
+
+
+@pytest.fixture(scope="module", params=SERVER_VARIANTS)
+def served(request, tiny):
+    ckpt = tiny[request.param]
+    with openai_server(str(ckpt)) as server:
+        client = OpenAI(base_url=server.base_url + "/v1", api_key="unused", max_retries=0)
+        yield ckpt, load_reference(ckpt), client
+
+
+def test_served_family_matches_hf(served):
+    ckpt, ref, client = served
+    got = [ask(client, ckpt, case["messages"]) for case in ref["cases"]]
+    expected = ref["references"]["bfloat16"]
+    # The API's prompt logprobs, and so the token ids read from them, start at the second.
+    _check_all_cases(got, expected, ckpt, ref, TOL_BF16, SOFT_TOL_BF16, first_id=1)
+    _check_red_and_blue(got, expected, ref, TOL_BF16)
+
+
+# ------------------------------------------------------------------ tensor parallel
+
+
+def test_tensor_parallel_2_multimodal_matches_hf(tiny):
+    """TP=2 on a multimodal checkpoint: the CLIP tower's, projector's and text model's
+    packed weights are cut per rank (column, row, fused qkv/gate_up) and its unbuilt last
+    tower layer is left out on both ranks (test_parallel covers text-only Llama)."""
+    ckpt = tiny["llava-wide-nf4-dq"]
+    ref = load_reference(ckpt)
+    got = run_llm_chat(
+        str(ckpt), _conversations(ref), env={"VLLM_CPU_OMP_THREADS_BIND": "0|1"},
+        load_format="bitsandbytes", dtype="float32", tensor_parallel_size=2,
+        limit_mm_per_prompt={"image": 1},
+    )
+    expected = ref["references"]["float32"]
+    _check_all_cases(got, expected, ckpt, ref, TOL_4BIT, SOFT_TOL_4BIT)
+    _check_red_and_blue(got, expected, ref, TOL_4BIT)
