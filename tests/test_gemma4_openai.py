@@ -25,6 +25,13 @@ from parity import assert_matches, distance_to, first_token_distribution, load_r
 # tower weights give errors of 1.3-5).
 TOL = 0.25
 SOFT_TOL = 0.6
+# LLM.int8 behind an 8-bit tower: the same bf16 noise, larger (measured on an AMX Xeon:
+# up to 0.19 on text cases, 0.26 on text after an image; nf4 on the same prompts 0.17).
+TOL_8BIT = 0.35
+
+
+def _tol(variant: str) -> float:
+    return TOL_8BIT if variant.endswith("int8") else TOL
 
 VARIANTS = [
     "gemma4-nf4-dq",  # everything quantized: vision tower, embed_vision, LM, PLE
@@ -77,7 +84,7 @@ def test_answers_match_hf_reference(served, kinds):
         got = ask(client, ckpt, case["messages"])
         assert got["prompt_token_ids"] == expected["prompt_token_ids"][1:]
         assert_matches(
-            got, expected, TOL, f"{variant}/{case['name']}",
+            got, expected, _tol(variant), f"{variant}/{case['name']}",
             soft_token_ids=placeholder_ids(ckpt), soft_tol=SOFT_TOL,
         )
 
@@ -101,7 +108,7 @@ def test_red_and_blue_images_give_different_answers(served):
     assert distance_to(hf["red"], hf["blue"]) > 0.5, f"{variant}: reference colours alike"
     for colour, other in (("red", "blue"), ("blue", "red")):
         own, cross = distance_to(ours[colour], hf[colour]), distance_to(ours[colour], hf[other])
-        assert own <= TOL, f"{variant}: {colour} is {own:.3f} from its HF reference"
+        assert own <= _tol(variant), f"{variant}: {colour} is {own:.3f} from its HF reference"
         assert cross > 2 * own and cross > 0.5, (
             f"{variant}: {colour} is as close to HF {other} ({cross:.3f}) as to HF {colour}"
         )
