@@ -67,12 +67,14 @@ from transformers import (
     LlamaConfig,
     LlamaForCausalLM,
     LlamaTokenizer,
+    Qwen3MoeForCausalLM,
 )
 from transformers.models.gemma4.feature_extraction_gemma4 import Gemma4AudioFeatureExtractor
 from transformers.models.gemma4.image_processing_gemma4 import Gemma4ImageProcessor
 from transformers.models.gemma4.video_processing_gemma4 import Gemma4VideoProcessor
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import tiny_moe
 import tiny_reference as ref
 
 # Bump whenever the recipe (configs, weights, tokenizer, cases, JSON schema) changes.
@@ -109,6 +111,7 @@ class Variant:
     bnb: dict[str, Any] | None = None  # BitsAndBytesConfig kwargs; None = unquantized bf16
     quantized_groups: tuple[str, ...] = ()  # intent, see tiny_reference.module_group
     description: str = ""
+    moe: str | None = None  # MoE experts recipe, see tiny_moe.RECIPES
 
     @property
     def quant_format(self) -> str | None:
@@ -176,6 +179,27 @@ VARIANTS: dict[str, Variant] = {
             (*GEMMA4_DEFAULT_GROUPS, "audio_tower", "embed_audio"),
             "E2B-like with audio tower; audio tower and embed_audio 4-bit",
         ),
+        # Mixture of experts (scripts/tiny_moe.py): references per experts recipe.
+        Variant("qwen3-moe-in-flight", "qwen3-moe", description="bf16; served with "
+                "--quantization bitsandbytes", moe="in_flight"),
+        Variant("qwen3-moe-nf4", "qwen3-moe", NF4_DQ, ("text",), "transformers 5 layout: "
+                "attention nf4, experts bf16 (quantized while loading)", moe="t5"),
+        Variant("qwen3-moe-nf4-keep", "qwen3-moe", NF4_DQ, ("text",), "transformers 5 "
+                "layout with bnb_moe_experts=unquantized", moe="keep"),
+        Variant("qwen3-moe-nf4-experts", "qwen3-moe", NF4_DQ, ("text",), "transformers 4.x "
+                "layout: one packed nf4+dq tensor per expert and projection, packed router",
+                moe="per_expert"),
+        Variant("qwen3-moe-int8-experts", "qwen3-moe", INT8, ("text",), "transformers 4.x "
+                "layout, LLM.int8: int8 + SCB per expert and projection, int8 router",
+                moe="per_expert"),
+        Variant("gemma4-moe-in-flight", "gemma4-moe", description="bf16 with "
+                "enable_moe_block; served with --quantization bitsandbytes", moe="in_flight"),
+        Variant("gemma4-moe-nf4", "gemma4-moe", NF4_DQ, GEMMA4_DEFAULT_GROUPS, "transformers "
+                "5 layout: 3-D bf16 experts (quantized while loading), 4-bit router",
+                moe="t5"),
+        Variant("gemma4-moe-nf4-experts", "gemma4-moe", NF4_DQ, GEMMA4_DEFAULT_GROUPS,
+                "per-expert layout: one packed nf4+dq tensor per expert and projection",
+                moe="per_expert"),
     ]
 }
 
@@ -381,6 +405,7 @@ def gemma4_config(
     tied: bool = True,
     k_eq_v: bool = False,
     audio: bool = False,
+    moe: bool = False,
 ) -> Gemma4Config:
     text_overrides: dict[str, Any] = {
         "tie_word_embeddings": tied,
@@ -394,6 +419,8 @@ def gemma4_config(
             "num_global_key_value_heads": 2,
             "hidden_size_per_layer_input": 0,
         }
+    if moe:
+        text_overrides |= tiny_moe.gemma4_moe_text_overrides()
     ids = tokenizer.convert_tokens_to_ids
     return Gemma4Config(
         text_config=_gemma4_text(**text_overrides),
@@ -495,6 +522,7 @@ class Base:
     k_eq_v: bool = False
     audio: bool = False
     wide: bool = False  # llama: sizes whose TP=2 cuts align with 64-element quant blocks
+    moe: bool = False  # gemma4: enable_moe_block (qwen3_moe is MoE anyway)
 
 
 GEMMA4_NORM_GAINS = (
@@ -529,6 +557,13 @@ BASES: dict[str, Base] = {
     "gemma4-untied": Base("gemma4", _gemma4_scales(2002), tied=False),
     "gemma4-keqv": Base("gemma4", _gemma4_scales(2003), k_eq_v=True),
     "gemma4-audio": Base("gemma4", _gemma4_scales(2004), audio=True),
+    "gemma4-moe": Base("gemma4", _gemma4_scales(2005), moe=True),
+    "qwen3-moe": Base(
+        "qwen3_moe",
+        InitScales(seed=1101, embed_std=1.0, norm_gains=(("model.norm", 2.0),)),
+        tied=False,
+        moe=True,
+    ),
 }
 
 
@@ -540,13 +575,22 @@ def save_base(base: Base, out: Path) -> None:
         model = LlamaForCausalLM(llama_config(tokenizer, base.wide))
         saver: Any = tokenizer
         eos = [tokenizer.eos_token_id]
+    elif base.family == "qwen3_moe":
+        tokenizer = llama_tokenizer()
+        model = Qwen3MoeForCausalLM(tiny_moe.qwen3_moe_config(tokenizer))
+        saver = tokenizer
+        eos = [tokenizer.eos_token_id]
     else:
         tokenizer = gemma4_tokenizer()
-        config = gemma4_config(tokenizer, tied=base.tied, k_eq_v=base.k_eq_v, audio=base.audio)
+        config = gemma4_config(
+            tokenizer, tied=base.tied, k_eq_v=base.k_eq_v, audio=base.audio, moe=base.moe
+        )
         model = Gemma4ForConditionalGeneration(config)
         saver = gemma4_processor(tokenizer, VISION_SOFT_TOKENS)
         eos = [tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<turn|>")]
     redraw_weights(model, base.scales)
+    if base.moe:
+        tiny_moe.redraw_experts(model, base.scales.seed)
     model.generation_config.eos_token_id = eos
     model.to(torch.bfloat16).save_pretrained(out)
     saver.save_pretrained(out)
@@ -683,6 +727,8 @@ def build_variant(variant: Variant, base_dir: Path, staging: Path) -> dict[str, 
     else:
         linears = quantize(base_dir, variant, staging)
     layout = check_layout(staging, variant, linears)
+    if variant.moe:
+        layout["moe"] = tiny_moe.finish_files(staging, variant.moe, variant.bnb)
     gemma = base.family == "gemma4"
     if gemma:
         ref.write_images(staging)
@@ -690,8 +736,12 @@ def build_variant(variant: Variant, base_dir: Path, staging: Path) -> dict[str, 
         ref.write_audio(staging)
     cases = ref.build_cases(staging, images=gemma, audio=base.audio)
     architecture = _architecture(staging)
+    load_model = (
+        tiny_moe.reference_loader(variant.moe, base_dir, staging, variant.bnb)
+        if variant.moe else None
+    )
     references, notes, processor_info = ref.compute_references(
-        staging, base.family, architecture, cases
+        staging, base.family, architecture, cases, load_model=load_model
     )
     config = json.loads((staging / "config.json").read_text())
     generation = json.loads((staging / "generation_config.json").read_text())

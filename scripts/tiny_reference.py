@@ -38,6 +38,7 @@ AUDIO_FILE = "tone.wav"
 AUDIO_QUESTION = "What is this sound?"
 AUDIO_SAMPLE_RATE = 16_000
 TEXT_PROMPTS = ("Hello, how are you today?", "Tell me a short story about a red fox.")
+TEXT_FAMILIES = ("llama", "qwen3_moe")  # a tokenizer and text prompts; no processor
 
 # --------------------------------------------------------------------------------------------
 # Cases
@@ -153,7 +154,7 @@ def load_processor(ckpt_dir: Path, family: str) -> Any:
     image processor is transformers' default: the torchvision backend when torchvision is
     installed (the PIL backend differs by up to 1/255 per pixel after resizing).
     """
-    if family == "llama":
+    if family in TEXT_FAMILIES:
         return transformers.AutoTokenizer.from_pretrained(ckpt_dir)
     return transformers.AutoProcessor.from_pretrained(ckpt_dir)
 
@@ -162,7 +163,7 @@ def encode_case(
     processor: Any, family: str, case: dict[str, Any], ckpt_dir: Path
 ) -> dict[str, torch.Tensor]:
     """Model inputs for one case; chat template rendered, no extra BOS (vLLM adds none)."""
-    if family == "llama":
+    if family in TEXT_FAMILIES:
         text = processor.apply_chat_template(
             case["messages"], add_generation_prompt=True, tokenize=False
         )
@@ -311,9 +312,15 @@ def reference_for_case(
 
 
 def compute_references(
-    ckpt_dir: Path, family: str, architecture: str, cases: list[dict[str, Any]]
+    ckpt_dir: Path, family: str, architecture: str, cases: list[dict[str, Any]],
+    load_model: Any = None,
 ) -> tuple[dict[str, dict[str, Any]], list[str], dict[str, Any]]:
-    """Run every case in fp32 and bf16. Returns (references, notes, processor info)."""
+    """Run every case in fp32 and bf16. Returns (references, notes, processor info).
+
+    `load_model(ckpt_dir, architecture, dtype, probe_inputs) -> (model, notes)` replaces
+    `load_reference_model` where the reference is not the checkpoint as HF loads it
+    (MoE experts as the plugin quantizes them, see tiny_moe.py)."""
+    load_model = load_model or load_reference_model
     processor = load_processor(ckpt_dir, family)
     encoded = {case["name"]: encode_case(processor, family, case, ckpt_dir) for case in cases}
     references: dict[str, dict[str, Any]] = {}
@@ -321,7 +328,7 @@ def compute_references(
     for dtype_name, dtype in DTYPES.items():
         probe = _cast_floats(encoded[cases[0]["name"]], dtype)
         with _quiet_bitsandbytes():
-            model, load_notes = load_reference_model(ckpt_dir, architecture, dtype, probe)
+            model, load_notes = load_model(ckpt_dir, architecture, dtype, probe)
             notes += [f"{dtype_name}: {n}" for n in load_notes]
             references[dtype_name] = {
                 name: reference_for_case(model, inputs, dtype) for name, inputs in encoded.items()

@@ -52,11 +52,21 @@ def run_llm(
     timeout: float = 600, **llm_kwargs,
 ) -> list[dict]:
     """Prompt logprobs, top-10 first-token logprobs and greedy tokens from `vllm.LLM`."""
+    return run_llm_report(model, prompts, max_tokens, env, timeout, **llm_kwargs)["results"]
+
+
+def run_llm_report(
+    model: str, prompts: list[list[int]], max_tokens: int = 8, env: dict | None = None,
+    timeout: float = 600, expert_memory: bool = False, **llm_kwargs,
+) -> dict:
+    """`run_llm`'s results under "results", and with `expert_memory` the bytes each
+    worker's MoE experts hold under "expert_memory" (see run_llm.py)."""
     spec = {
         "model": model,
         "llm_kwargs": {**ENGINE_KWARGS, **llm_kwargs},
         "prompts": prompts,
         "max_tokens": max_tokens,
+        "expert_memory": expert_memory,
     }
     proc = subprocess.Popen(
         [sys.executable, str(HERE / "run_llm.py"), json.dumps(spec)],
@@ -73,7 +83,7 @@ def run_llm(
             f"vllm.LLM on {model} failed (exit {proc.returncode}):\n{stderr[-6000:]}",
             stdout + stderr,
         )
-    return json.loads(lines[-1])["results"]
+    return json.loads(lines[-1])
 
 
 def free_port() -> int:

@@ -2,17 +2,22 @@
 
 Tests call this in a subprocess so every engine starts and dies cleanly:
     python tests/run_llm.py SPEC_JSON  ->  stdout last line: {"results": [...]}
-SPEC: {"model": path, "llm_kwargs": {...}, "prompts": [[token ids]...], "max_tokens": n}
+SPEC: {"model": path, "llm_kwargs": {...}, "prompts": [[token ids]...], "max_tokens": n,
+       "expert_memory": bool}  -> also {"expert_memory": [per worker {held_bytes, bf16_bytes}]}
 """
 
 from __future__ import annotations
 
 import json
+import os
 import sys
 
 
 def main() -> None:
     spec = json.loads(sys.argv[1])
+    if spec.get("expert_memory"):
+        # apply_model pickles the function (by reference) to the engine's workers.
+        os.environ["VLLM_ALLOW_INSECURE_SERIALIZATION"] = "1"
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
 
@@ -37,7 +42,12 @@ def main() -> None:
             ),
             "greedy_token_ids": list(completion.token_ids),
         })
-    print(json.dumps({"results": results}))
+    report = {"results": results}
+    if spec.get("expert_memory"):
+        from vllm_bnb_mm.moe import expert_memory
+
+        report["expert_memory"] = llm.apply_model(expert_memory)
+    print(json.dumps(report))
 
 
 if __name__ == "__main__":

@@ -547,3 +547,21 @@ def _dequantize_experts(layer, proj: str, ids: torch.Tensor | None, dtype) -> to
     state.shape = torch.Size((packed.shape[0] * rows, cols))
     state.dtype = dtype
     return bnbf.dequantize_4bit(packed.reshape(-1, 1), state).reshape(-1, rows, cols)
+
+
+def expert_memory(model: torch.nn.Module) -> dict[str, int]:
+    """Bytes the model's routed experts hold (weights and quant state, BnB or not), and
+    what the same experts take in bf16: `LLM.apply_model(expert_memory)` reports it."""
+    from vllm.model_executor.layers.fused_moe import RoutedExperts
+
+    held = bf16 = 0
+    for module in model.modules():
+        if not isinstance(module, RoutedExperts):
+            continue
+        tensors = [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]
+        held += sum(t.numel() * t.element_size() for n, t in tensors if n.startswith(("w13", "w2")))
+        cfg = module.moe_config
+        inter = cfg.intermediate_size_per_partition
+        rows = inter * (2 if cfg.is_act_and_mul else 1)
+        bf16 += cfg.num_local_experts * (rows + inter) * cfg.hidden_dim * 2
+    return {"held_bytes": held, "bf16_bytes": bf16}
