@@ -203,9 +203,10 @@ def reference_loader(
 
     def load(_ckpt, architecture: str, dtype: torch.dtype, probe) -> tuple[nn.Module, list[str]]:
         model = _quantized_like_saved(base_dir, architecture, dtype, recipe, bnb)
-        notes = [_patch_experts(model, recipe, ckpt_dir, bnb)]
-        if recipe == "in_flight":
-            notes.append(_unquantize_routers(model, base_dir, dtype))
+        notes = [
+            _patch_experts(model, recipe, ckpt_dir, bnb),
+            _plain_routers(model, recipe, base_dir, dtype),
+        ]
         if recipe == "per_expert":
             notes.append(_dequantize_packed_routers(model, ckpt_dir))
         if ref._probe(model, probe) is not None:
@@ -289,34 +290,50 @@ def _file_tensors(ckpt_dir: Path) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def _dequantize_from_file(tensors: dict[str, torch.Tensor], module: str) -> torch.Tensor:
-    """bitsandbytes' own reading of one packed Linear weight, in float32."""
+def _dequantize_from_file(
+    tensors: dict[str, torch.Tensor], module: str, float32: bool = True
+) -> torch.Tensor:
+    """bitsandbytes' own reading of one packed Linear weight: in float32 (experts, which
+    the plugin dequantizes in the compute dtype), or, like a Linear4bit's forward does,
+    in the dtype its quant state was saved with (weights the loader hands to plain
+    parameters)."""
     weight = tensors[f"{module}.weight"]
     if f"{module}.SCB" in tensors:
         return bnbf.int8_vectorwise_dequant(weight, tensors[f"{module}.SCB"])
     prefix = f"{module}.weight."
     state_dict = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
     state = QuantState.from_dict(state_dict, device=torch.device("cpu"))
-    state.dtype = torch.float32
+    if float32:
+        state.dtype = torch.float32
     return bnbf.dequantize_4bit(weight, state)
 
 
-def _unquantize_routers(model: nn.Module, base_dir: Path, dtype: torch.dtype) -> str:
-    """HF quantizes a router that is an nn.Linear (Gemma 4's `router.proj`) in flight;
-    the plugin never does. Give the reference the router weight as saved."""
+def _plain_routers(model: nn.Module, recipe: str, base_dir: Path, dtype: torch.dtype) -> str:
+    """vLLM builds routers plain. A router HF quantizes like any nn.Linear (Gemma 4's
+    `router.proj`) becomes what the plugin holds: in flight the saved bf16 weight (routers
+    are never quantized in flight), pre-quantized its dequantized weight (the loader
+    dequantizes packed tensors bound for plain parameters, as Linear4bit's own forward
+    does: to the dtype the quant state was saved with)."""
     import bitsandbytes as bnb
 
-    plain = _file_tensors(base_dir)
-    restored = 0
+    plain = _file_tensors(base_dir) if recipe == "in_flight" else {}
+    count = 0
     for name, module in list(model.named_modules()):
         proj = getattr(module, "proj", None)
-        if name.endswith(".router") and isinstance(proj, bnb.nn.Linear4bit):
+        if not (name.endswith(".router") and isinstance(proj, bnb.nn.Linear4bit)):
+            continue
+        if recipe == "in_flight":
             linear = nn.Linear(proj.in_features, proj.out_features, bias=False)
             weight = plain[f"{name}.proj.weight"].to(dtype)
             linear.weight = nn.Parameter(weight, requires_grad=False)
-            module.proj = linear
-            restored += 1
-    return f"{restored} router(s) left unquantized, as the plugin leaves them" if restored else ""
+        else:
+            linear, _ = ref._plain_lm_head(proj, dtype)
+        module.proj = linear
+        count += 1
+    if not count:
+        return ""
+    how = "saved bf16 weight" if recipe == "in_flight" else "dequantized weight"
+    return f"{count} 4-bit router(s) replaced by a plain Linear with the {how}"
 
 
 def _dequantize_packed_routers(model: nn.Module, ckpt_dir: Path) -> str:
@@ -328,7 +345,8 @@ def _dequantize_packed_routers(model: nn.Module, ckpt_dir: Path) -> str:
         for name, module in model.named_modules():
             stored = tensors.get(f"{name}.weight")
             if name.endswith(".mlp.gate") and stored is not None and not stored.is_floating_point():
-                module.weight.copy_(_dequantize_from_file(tensors, name).to(module.weight.dtype))
+                value = _dequantize_from_file(tensors, name, float32=False)
+                module.weight.copy_(value.to(module.weight.dtype))
                 patched += 1
     return f"{patched} packed router(s): bitsandbytes' dequantization" if patched else ""
 

@@ -32,7 +32,8 @@ CASES = {
     "qwen3-moe-nf4-experts": ({}, TOL_4BIT, QUARTER),
     "qwen3-moe-int8-experts": ({}, TOL_8BIT, EIGHTH_OVER),
     "qwen3-moe-in-flight": ({"quantization": "bitsandbytes"}, TOL_4BIT, QUARTER),
-    "qwen3-moe-nf4-keep": ({}, TOL_4BIT, (2.0, 2.01)),  # float32 experts, unquantized
+    # float32 experts in vLLM's own CPU MoE kernel (measured 0.016 against HF)
+    "qwen3-moe-nf4-keep": ({}, 0.03, (2.0, 2.01)),
     "gemma4-moe-nf4-experts": ({}, TOL_4BIT, QUARTER),
     "gemma4-moe-in-flight": ({"quantization": "bitsandbytes"}, TOL_4BIT, QUARTER),
 }
