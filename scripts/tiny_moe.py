@@ -19,7 +19,14 @@ Expert storage recipes (``Variant.moe`` in build_tiny_checkpoints.py):
   to bitsandbytes' dequantization of the packed tensors in the files.
 - ``in_flight``: the bf16 checkpoint, served with ``--quantization bitsandbytes``; the
   reference is HF quantizing it in flight (nf4, no double quant) with experts as in
-  ``t5`` and routers left unquantized, as the plugin leaves them.
+  ``t5``.
+
+Routers: vLLM builds them plain and the plugin never quantizes them. Where HF holds a
+router as Linear4bit (Gemma 4's ``router.proj`` is an nn.Linear, quantized by
+transformers), the reference computes it as a plain Linear: with the saved bf16 weight in
+flight, with its dequantized weight when the checkpoint stores it packed (what the
+loader puts into vLLM's plain router; HF's CPU 4-bit kernel would round the router's
+input to bf16 and move near-tied expert choices).
 """
 
 from __future__ import annotations
