@@ -212,7 +212,7 @@ def reference_loader(
         model = _quantized_like_saved(base_dir, architecture, dtype, recipe, bnb)
         notes = [
             _patch_experts(model, recipe, ckpt_dir, bnb),
-            _plain_routers(model, recipe, base_dir, dtype),
+            _plain_routers(model, recipe, base_dir if recipe == "in_flight" else ckpt_dir, dtype),
         ]
         if recipe == "per_expert":
             notes.append(_dequantize_packed_routers(model, ckpt_dir))
@@ -315,26 +315,26 @@ def _dequantize_from_file(
     return bnbf.dequantize_4bit(weight, state)
 
 
-def _plain_routers(model: nn.Module, recipe: str, base_dir: Path, dtype: torch.dtype) -> str:
+def _plain_routers(model: nn.Module, recipe: str, files: Path, dtype: torch.dtype) -> str:
     """vLLM builds routers plain. A router HF quantizes like any nn.Linear (Gemma 4's
-    `router.proj`) becomes what the plugin holds: in flight the saved bf16 weight (routers
-    are never quantized in flight), pre-quantized its dequantized weight (the loader
-    dequantizes packed tensors bound for plain parameters, as Linear4bit's own forward
-    does: to the dtype the quant state was saved with)."""
+    `router.proj`) becomes what the plugin holds, read from `files`: in flight the bf16
+    weight (routers are never quantized in flight); pre-quantized its dequantized weight
+    (the loader dequantizes packed tensors bound for plain parameters as Linear4bit's own
+    forward does: to the dtype the quant state was saved with)."""
     import bitsandbytes as bnb
 
-    plain = _file_tensors(base_dir) if recipe == "in_flight" else {}
+    tensors = _file_tensors(files)
     count = 0
     for name, module in list(model.named_modules()):
         proj = getattr(module, "proj", None)
         if not (name.endswith(".router") and isinstance(proj, bnb.nn.Linear4bit)):
             continue
         if recipe == "in_flight":
-            linear = nn.Linear(proj.in_features, proj.out_features, bias=False)
-            weight = plain[f"{name}.proj.weight"].to(dtype)
-            linear.weight = nn.Parameter(weight, requires_grad=False)
+            weight = tensors[f"{name}.proj.weight"]
         else:
-            linear, _ = ref._plain_lm_head(proj, dtype)
+            weight = _dequantize_from_file(tensors, f"{name}.proj", float32=False)
+        linear = nn.Linear(proj.in_features, proj.out_features, bias=False)
+        linear.weight = nn.Parameter(weight.to(dtype), requires_grad=False)
         module.proj = linear
         count += 1
     if not count:
