@@ -150,7 +150,7 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
 
     from vllm_bnb_mm.moe import expert_memory
 
-    c = BY_NAME[args.contender]
+    c = BY_NAME[args.worker]
     timings: dict[str, float] = {}
     original = runner.CPUModelRunner.load_model
 

@@ -92,9 +92,16 @@ def gemma4_moe_text_overrides() -> dict[str, Any]:
     }
 
 
+# Gemma 4's router scales its normalized input by `scale` / sqrt(hidden): with the
+# generic redraw (scale ~1) its logits have std 1/8 and 32 experts are all but tied, so
+# any rounding difference picks other experts. Trained routers are decisive; std ~2 here.
+GEMMA4_ROUTER_SCALE = 16.0
+
+
 def redraw_experts(model: nn.Module, seed: int) -> None:
     """Fused 3-D expert weights [experts, out, in]: std 1/sqrt(in) per expert (the
-    generic redraw would take out*in as the fan-in and make experts vanish)."""
+    generic redraw would take out*in as the fan-in and make experts vanish); Gemma 4
+    router logits spread like a trained router's."""
     gen = torch.Generator().manual_seed(seed + 7)
     with torch.no_grad():
         for module in model.modules():
@@ -103,6 +110,8 @@ def redraw_experts(model: nn.Module, seed: int) -> None:
                 if isinstance(param, nn.Parameter) and param.ndim == 3:
                     noise = torch.randn(param.shape, generator=gen)
                     param.copy_(noise / math.sqrt(param.shape[-1]))
+            if hasattr(module, "per_expert_scale") and hasattr(module, "proj"):
+                module.scale.mul_(GEMMA4_ROUTER_SCALE)
 
 
 # --------------------------------------------------------------------------------------------

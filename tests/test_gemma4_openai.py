@@ -35,9 +35,6 @@ VARIANTS = [
     "gemma4-untied-lm4bit",  # lm_head stored 4-bit: dequantized into vLLM's plain head
     "gemma4-keqv-nf4",  # attention_k_eq_v: V shares K's weight and quant state
     "gemma4-audio-nf4",  # quantized audio tower too
-    # enable_moe_block, transformers 5 layout: bf16 3-D experts quantized while loading;
-    # the reference's experts are bitsandbytes' dequantization of that (tiny_moe.py)
-    "gemma4-moe-nf4",
 ]
 
 
