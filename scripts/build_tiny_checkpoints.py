@@ -59,6 +59,7 @@ import transformers
 from transformers import BitsAndBytesConfig
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import tiny_moe
 import tiny_reference as ref
 from tiny_families import FAMILIES
 from tiny_families.common import Base, Family, Variant
@@ -203,12 +204,18 @@ def build_variant(variant: Variant, base_dir: Path, staging: Path) -> dict[str, 
     else:
         quantize(base_dir, variant, staging)
     layout = check_layout(staging, variant, ref.linear_modules_on_disk(base_dir))
+    if variant.moe:
+        layout["moe"] = tiny_moe.finish_files(staging, variant.moe, variant.bnb)
     kinds = family.media_kinds(base)
     ref.write_media(staging, kinds)
     cases = ref.build_cases(staging, kinds)
     architecture = _architecture(staging)
+    load_model = (
+        tiny_moe.reference_loader(variant.moe, base_dir, staging, variant.bnb)
+        if variant.moe else None
+    )
     references, notes, processor_info = ref.compute_references(
-        staging, family, architecture, cases
+        staging, family, architecture, cases, load_model=load_model
     )
     config = json.loads((staging / "config.json").read_text())
     generation = json.loads((staging / "generation_config.json").read_text())

@@ -283,10 +283,16 @@ def reference_for_case(
 
 
 def compute_references(
-    ckpt_dir: Path, family: Any, architecture: str, cases: list[dict[str, Any]]
+    ckpt_dir: Path, family: Any, architecture: str, cases: list[dict[str, Any]],
+    load_model: Any = None,
 ) -> tuple[dict[str, dict[str, Any]], list[str], dict[str, Any]]:
     """Run every case in fp32 and bf16. ``family`` (a ``tiny_families`` Family) loads the
-    processor and encodes each case. Returns (references, notes, processor info)."""
+    processor and encodes each case. Returns (references, notes, processor info).
+
+    `load_model(ckpt_dir, architecture, dtype, probe_inputs) -> (model, notes)` replaces
+    `load_reference_model` where the reference is not the checkpoint as HF loads it
+    (MoE experts as the plugin quantizes them, see tiny_moe.py)."""
+    load_model = load_model or load_reference_model
     processor = family.load_processor(ckpt_dir)
     encoded = {case["name"]: family.encode_case(processor, case, ckpt_dir) for case in cases}
     references: dict[str, dict[str, Any]] = {}
@@ -294,7 +300,7 @@ def compute_references(
     for dtype_name, dtype in DTYPES.items():
         probe = _cast_floats(encoded[cases[0]["name"]], dtype)
         with _quiet_bitsandbytes():
-            model, load_notes = load_reference_model(ckpt_dir, architecture, dtype, probe)
+            model, load_notes = load_model(ckpt_dir, architecture, dtype, probe)
             notes += [f"{dtype_name}: {n}" for n in load_notes]
             references[dtype_name] = {
                 name: reference_for_case(model, inputs, dtype) for name, inputs in encoded.items()

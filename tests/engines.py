@@ -69,12 +69,25 @@ def run_llm(
     """Prompt logprobs, top-10 first-token logprobs and greedy tokens from `vllm.LLM`;
     with `bnb_layers_out`, every BnB layer's packed weight and quant state as the running
     engine holds them is saved there too (tests/run_llm.py bnb_layer_contents)."""
+    return run_llm_report(
+        model, prompts, max_tokens, env, timeout, bnb_layers_out=bnb_layers_out, **llm_kwargs
+    )["results"]
+
+
+def run_llm_report(
+    model: str, prompts: list[list[int]], max_tokens: int = 8, env: dict | None = None,
+    timeout: float = 600, expert_memory: bool = False, bnb_layers_out: str | None = None,
+    **llm_kwargs,
+) -> dict:
+    """`run_llm`'s results under "results", and with `expert_memory` the bytes each
+    worker's MoE experts hold under "expert_memory" (see run_llm.py)."""
     spec = {
         "model": model,
         "llm_kwargs": {**ENGINE_KWARGS, **llm_kwargs},
         "prompts": prompts,
         "max_tokens": max_tokens,
         "bnb_layers_out": bnb_layers_out,
+        "expert_memory": expert_memory,
     }
     return _run_llm_spec(spec, env, timeout)
 
@@ -92,10 +105,10 @@ def run_llm_chat(
         "conversations": conversations,
         "max_tokens": max_tokens,
     }
-    return _run_llm_spec(spec, env, timeout)
+    return _run_llm_spec(spec, env, timeout)["results"]
 
 
-def _run_llm_spec(spec: dict, env: dict | None, timeout: float) -> list[dict]:
+def _run_llm_spec(spec: dict, env: dict | None, timeout: float) -> dict:
     model = spec["model"]
     if spec.get("bnb_layers_out"):
         # The workers unpickle a function of tests/run_llm.py.
@@ -116,7 +129,7 @@ def _run_llm_spec(spec: dict, env: dict | None, timeout: float) -> list[dict]:
             f"vllm.LLM on {model} failed (exit {proc.returncode}):\n{stderr[-6000:]}",
             stdout + stderr,
         )
-    return json.loads(lines[-1])["results"]
+    return json.loads(lines[-1])
 
 
 def free_port() -> int:

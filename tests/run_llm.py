@@ -3,13 +3,15 @@
 Tests call this in a subprocess so every engine starts and dies cleanly:
     python tests/run_llm.py SPEC_JSON  ->  stdout last line: {"results": [...]}
 SPEC: {"model": path, "llm_kwargs": {...}, "prompts": [[token ids]...], "max_tokens": n,
-       "bnb_layers_out": optional path: torch.save of every BnB layer as the engine holds it}
+       "bnb_layers_out": optional path: torch.save of every BnB layer as the engine holds it,
+       "expert_memory": bool}  -> also {"expert_memory": [per worker {held_bytes, bf16_bytes}]}
    or {..., "conversations": [[OpenAI chat messages]...]} (through LLM.chat)
 """
 
 from __future__ import annotations
 
 import json
+import os
 import sys
 
 
@@ -38,6 +40,9 @@ def bnb_layer_contents(model) -> dict:
 
 def main() -> None:
     spec = json.loads(sys.argv[1])
+    if spec.get("expert_memory"):
+        # apply_model pickles the function (by reference) to the engine's workers.
+        os.environ["VLLM_ALLOW_INSECURE_SERIALIZATION"] = "1"
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
 
@@ -74,7 +79,12 @@ def main() -> None:
 
         [layers] = llm.apply_model(run_llm.bnb_layer_contents)
         torch.save(layers, spec["bnb_layers_out"])
-    print(json.dumps({"results": results}))
+    report = {"results": results}
+    if spec.get("expert_memory"):
+        from vllm_bnb_mm.moe import expert_memory
+
+        report["expert_memory"] = llm.apply_model(expert_memory)
+    print(json.dumps(report))
 
 
 if __name__ == "__main__":

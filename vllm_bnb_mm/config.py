@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from bisect import bisect_left
 from typing import Any, Literal
 
 import torch
@@ -16,6 +17,13 @@ DEFAULT_PACKED_MODULES = {
     "qkv_proj": ["q_proj", "k_proj", "v_proj"],
     "gate_up_proj": ["gate_proj", "up_proj"],
 }
+
+# What to do with MoE experts that the checkpoint stores unquantized (transformers 5 keeps
+# experts as 3-D parameters, which bitsandbytes never quantizes): "quantize" them while
+# loading (default), or keep them "unquantized". A top-level config key, so it can be set
+# in config.json or with `--hf-overrides '{"bnb_moe_experts": "unquantized"}'`.
+MOE_EXPERTS_KEY = "bnb_moe_experts"
+MOE_EXPERTS_MODES = ("quantize", "unquantized")
 
 
 class BnbConfig(QuantizationConfig):
@@ -105,10 +113,28 @@ class BnbConfig(QuantizationConfig):
 
     def set_module_kinds(self, kinds: dict[str, ModuleKind]) -> None:
         self.module_kinds = kinds
+        self._sorted_modules = sorted(kinds)
 
     def get_quant_method(self, layer: torch.nn.Module, prefix: str):
+        from vllm.model_executor.layers.fused_moe import RoutedExperts
+        from vllm.model_executor.layers.fused_moe.router.gate_linear import GateLinear
+
+        if isinstance(layer, RoutedExperts):
+            kind = self.experts_kind(prefix)
+            if kind == "plain":
+                return None  # vLLM's UnquantizedFusedMoEMethod
+            from .moe import BnbMoEMethod
+
+            return BnbMoEMethod(self, kind, layer.moe_config, prefix)
         if not isinstance(layer, LinearBase):
             return None
+        if isinstance(layer, GateLinear):
+            # vLLM builds MoE routers as GateLinear. Routers stay plain, as HF keeps
+            # them when quantizing (transformers 5 routers are no nn.Linear; most vLLM
+            # models give theirs no quant config at all): which experts run must not
+            # move with quantization noise. A packed router in a checkpoint (transformers
+            # 4.x quantized nn.Linear gates) is dequantized into it by the loader (logged).
+            return UnquantizedLinearMethod()
         from .linear import BnbLinearMethod
 
         kind = self.layer_kind(prefix)
@@ -116,13 +142,48 @@ class BnbConfig(QuantizationConfig):
             return UnquantizedLinearMethod()
         return BnbLinearMethod(self, kind, prefix)
 
-    def layer_kind(self, prefix: str) -> ModuleKind:
-        """4bit / 8bit / plain for the vLLM layer at `prefix`."""
+    def _check_load_format(self) -> None:
         if self.pre_quantized and self.module_kinds is None:
             raise ValueError(
                 "This checkpoint is pre-quantized with bitsandbytes: load it with "
                 "`--load-format bitsandbytes` (LLM(..., load_format='bitsandbytes'))"
             )
+
+    def experts_kind(self, prefix: str) -> ModuleKind:
+        """4bit / 8bit / plain for the routed experts (a vLLM FusedMoE layer) at `prefix`.
+
+        Experts packed in the checkpoint (one packed tensor per expert and projection)
+        keep their kind; unquantized experts are quantized while loading with this
+        config's settings, unless the user keeps them (`bnb_moe_experts`) or the skip
+        list names them."""
+        self._check_load_format()
+        if moe_experts_mode() == "unquantized":
+            return "plain"
+        packed = self._packed_kinds_under(prefix)
+        if len(packed) > 1:
+            raise ValueError(
+                f"MoE layer {prefix}: the checkpoint stores its experts as {sorted(packed)} "
+                "at once; one layer's experts must share one bitsandbytes kind"
+            )
+        if packed:
+            return packed.pop()
+        return "plain" if self.is_skipped(prefix) else self.kind
+
+    def _packed_kinds_under(self, prefix: str) -> set[ModuleKind]:
+        if self.module_kinds is None:
+            return set()
+        names, head = self._sorted_modules, prefix + "."
+        kinds: set[ModuleKind] = set()
+        for name in names[bisect_left(names, head):]:
+            if not name.startswith(head):
+                break
+            if self.module_kinds[name] != "plain":
+                kinds.add(self.module_kinds[name])
+        return kinds
+
+    def layer_kind(self, prefix: str) -> ModuleKind:
+        """4bit / 8bit / plain for the vLLM layer at `prefix`."""
+        self._check_load_format()
         if self.module_kinds is not None:
             kinds = [
                 self.module_kinds[m] for m in self._checkpoint_modules(prefix)
@@ -171,3 +232,19 @@ class BnbConfig(QuantizationConfig):
         # names the modules the whole model is built with.
         if getattr(self, "_vllm_mapper", None) is None:
             self._vllm_mapper = hf_to_vllm_mapper
+
+
+def moe_experts_mode() -> str:
+    """`bnb_moe_experts` from the model's config (config.json or --hf-overrides)."""
+    from vllm.config import get_current_vllm_config_or_none
+
+    vllm_config = get_current_vllm_config_or_none()
+    model_config = vllm_config.model_config if vllm_config is not None else None
+    hf_config = model_config.hf_config if model_config is not None else None
+    mode = getattr(hf_config, MOE_EXPERTS_KEY, None) or "quantize"
+    if mode not in MOE_EXPERTS_MODES:
+        raise ValueError(
+            f"config key {MOE_EXPERTS_KEY!r} is {mode!r}; expected one of {MOE_EXPERTS_MODES} "
+            f"(e.g. --hf-overrides '{{\"{MOE_EXPERTS_KEY}\": \"unquantized\"}}')"
+        )
+    return mode

@@ -318,15 +318,33 @@ def route_weight_loaders(model: nn.Module):
 
 
 def _routing_loader(param: torch.Tensor, original):
-    def weight_loader(p, loaded_weight: torch.Tensor, *args, **kwargs):
+    def weight_loader(*args, **kwargs):
+        p, loaded_weight, rest = _param_and_tensor(args, kwargs)
         PACKED.note_seen(loaded_weight)
         if not is_bnb_param(p):
             packed = PACKED.lookup(loaded_weight)
             if packed is not None:
                 loaded_weight = dequantize_for_plain(packed, p)
-        return original(p, loaded_weight, *args, **kwargs)
+        return original(p, loaded_weight, *rest, **kwargs)
 
     return weight_loader
+
+
+def _param_and_tensor(args: tuple, kwargs: dict) -> tuple[torch.Tensor, torch.Tensor, list]:
+    """Every vLLM weight loader takes (param, loaded_weight, ...), called positionally
+    by linear layers and by keyword by the MoE expert loader (`param=`, `loaded_weight=`,
+    `weight_name=`, `shard_id=`, `expert_id=`, `return_success=`). Takes the first two
+    out of either form (removing them from `kwargs`); the rest passes through as given."""
+    positional = list(args)
+    for position, name in enumerate(("param", "loaded_weight")):
+        if name in kwargs:
+            positional.insert(position, kwargs.pop(name))
+    if len(positional) < 2:
+        raise TypeError(
+            f"weight loader called without a parameter and a tensor (args {len(args)}, "
+            f"keywords {sorted(kwargs)})"
+        )
+    return positional[0], positional[1], positional[2:]
 
 
 def dequantize_for_plain(packed: PackedTensor, param: torch.Tensor) -> torch.Tensor:

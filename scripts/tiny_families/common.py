@@ -51,6 +51,7 @@ class Variant:
     quantized_groups: tuple[str, ...] = ()  # intent, see Family.module_group
     description: str = ""
     check: LayoutCheck | None = None  # what only this variant must show on disk
+    moe: str | None = None  # MoE experts recipe, see tiny_moe.RECIPES
 
     @property
     def quant_format(self) -> str | None:

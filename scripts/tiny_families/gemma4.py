@@ -17,6 +17,7 @@ from transformers.models.gemma4.feature_extraction_gemma4 import Gemma4AudioFeat
 from transformers.models.gemma4.image_processing_gemma4 import Gemma4ImageProcessor
 from transformers.models.gemma4.video_processing_gemma4 import Gemma4VideoProcessor
 
+import tiny_moe
 from tiny_reference import expect_dtype
 
 from .common import FP4, INT8, NF4_DQ, VOCAB_SIZE, Base, Family, InitScales, Variant, train_bpe
@@ -141,7 +142,8 @@ def _audio() -> dict[str, Any]:
 
 
 def config(
-    tok: GemmaTokenizer, *, tied: bool = True, k_eq_v: bool = False, audio: bool = False
+    tok: GemmaTokenizer, *, tied: bool = True, k_eq_v: bool = False, audio: bool = False,
+    moe: bool = False,
 ) -> Gemma4Config:
     text_overrides: dict[str, Any] = {
         "tie_word_embeddings": tied,
@@ -155,6 +157,8 @@ def config(
             "num_global_key_value_heads": 2,
             "hidden_size_per_layer_input": 0,
         }
+    if moe:
+        text_overrides |= tiny_moe.gemma4_moe_text_overrides()
     ids = tok.convert_tokens_to_ids
     return Gemma4Config(
         text_config=_text(**text_overrides),
@@ -241,6 +245,7 @@ class Gemma4(Family):
         "gemma4-untied": Base("gemma4", _scales(2002), {"tied": False}),
         "gemma4-keqv": Base("gemma4", _scales(2003), {"k_eq_v": True}),
         "gemma4-audio": Base("gemma4", _scales(2004), {"audio": True}),
+        "gemma4-moe": Base("gemma4", _scales(2005), {"moe": True}),
     }
     variants = [
         Variant("gemma4-bf16", "gemma4", description="unquantized"),
@@ -293,6 +298,15 @@ class Gemma4(Family):
             "E2B-like with audio tower; audio tower and embed_audio 4-bit",
             _check_audio,
         ),
+        # enable_moe_block (26B-A4B-like); references per experts recipe (scripts/tiny_moe.py)
+        Variant("gemma4-moe-in-flight", "gemma4-moe", description="bf16 with "
+                "enable_moe_block; served with --quantization bitsandbytes", moe="in_flight"),
+        Variant("gemma4-moe-nf4", "gemma4-moe", NF4_DQ, DEFAULT_GROUPS, "transformers "
+                "5 layout: 3-D bf16 experts (quantized while loading), 4-bit router",
+                moe="t5"),
+        Variant("gemma4-moe-nf4-experts", "gemma4-moe", NF4_DQ, DEFAULT_GROUPS,
+                "per-expert layout: one packed nf4+dq tensor per expert and projection",
+                moe="per_expert"),
     ]
 
     def new_model(self, base: Base) -> tuple[nn.Module, Any, list[int]]:
@@ -303,6 +317,7 @@ class Gemma4(Family):
                 tied=base.options.get("tied", True),
                 k_eq_v=base.options.get("k_eq_v", False),
                 audio=base.options.get("audio", False),
+                moe=base.options.get("moe", False),
             )
         )
         eos = [tok.eos_token_id, tok.convert_tokens_to_ids(NAMED_TOKENS["eot_token"])]
@@ -318,6 +333,8 @@ class Gemma4(Family):
                     module.input_max.fill_(CLIP_BOUND)
                     module.output_min.fill_(-CLIP_BOUND)
                     module.output_max.fill_(CLIP_BOUND)
+        if base.options.get("moe"):
+            tiny_moe.redraw_experts(model, base.scales.seed)
 
     def media_kinds(self, base: Base) -> tuple[str, ...]:
         return ("image", "audio") if base.options.get("audio") else ("image",)
