@@ -65,7 +65,7 @@ from tiny_families import FAMILIES
 from tiny_families.common import Base, Family, Variant
 
 # Bump whenever the recipe (configs, weights, tokenizer, cases, JSON schema) changes.
-BUILDER_VERSION = "tiny-ckpt-2026.1"
+BUILDER_VERSION = "tiny-ckpt-2026.2"
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_OUT = REPO_ROOT / ".cache" / "tiny"
 # Processes building bases in parallel (each variant still builds exactly as alone).
@@ -206,6 +206,9 @@ def build_variant(variant: Variant, base_dir: Path, staging: Path) -> dict[str, 
     layout = check_layout(staging, variant, ref.linear_modules_on_disk(base_dir))
     if variant.moe:
         layout["moe"] = tiny_moe.finish_files(staging, variant.moe, variant.bnb)
+        # the per-expert recipe packs experts (and a router) the save left plain
+        packed = ref.packed_modules(ref.checkpoint_header(staging), _storage_dtype(variant))
+        layout |= {"packed_modules": packed, "num_packed_modules": len(packed)}
     kinds = family.media_kinds(base)
     ref.write_media(staging, kinds)
     cases = ref.build_cases(staging, kinds)
