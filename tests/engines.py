@@ -49,14 +49,16 @@ class EngineFailed(RuntimeError):
 
 def run_llm(
     model: str, prompts: list[list[int]], max_tokens: int = 8, env: dict | None = None,
-    timeout: float = 600, **llm_kwargs,
+    timeout: float = 600, loras: list[str | None] | None = None, **llm_kwargs,
 ) -> list[dict]:
-    """Prompt logprobs, top-10 first-token logprobs and greedy tokens from `vllm.LLM`."""
+    """Prompt logprobs, top-10 first-token logprobs and greedy tokens from `vllm.LLM`;
+    `loras`: per prompt, a LoRA adapter directory or None (needs enable_lora=True)."""
     spec = {
         "model": model,
         "llm_kwargs": {**ENGINE_KWARGS, **llm_kwargs},
         "prompts": prompts,
         "max_tokens": max_tokens,
+        "loras": loras,
     }
     proc = subprocess.Popen(
         [sys.executable, str(HERE / "run_llm.py"), json.dumps(spec)],
