@@ -16,9 +16,9 @@ the adapter attached with ``PeftModel.from_pretrained``, then the tiny builder's
 quantized in flight by transformers (nf4, no double quant, blocksize 64), with and
 without the adapter, as ``--quantization bitsandbytes`` does in vLLM.
 
-Broken adapters for the error tests are derived from good ones by editing the saved
-files the way such adapters arise (a rank above the server's limit, tensors of another
-architecture, target modules the model does not have).
+Broken adapters for the error tests (`BROKEN`) are good ones with their saved files
+edited the way such adapters arise (made for a deeper model of the family, or naming
+modules the model does not have).
 """
 
 from __future__ import annotations
@@ -89,13 +89,13 @@ ADAPTERS: dict[str, Adapter] = {
                 description="rank 4 on q/v/down only (k and gate/up slices empty)"),
         Adapter("llama-wide-a", "llama-wide-nf4-dq", 8, 16, ATTENTION_AND_MLP, 3003,
                 description="rank 8, TP-sized base"),
-        Adapter("llama-r16", "llama-bf16", 16, 32, ATTENTION_AND_MLP, 3004,
-                description="rank 16: above --max-lora-rank 8"),
         Adapter("gemma4-a", "gemma4-bf16", 8, 16, language_model_targets(ATTENTION_AND_MLP),
                 3005, description="rank 8 on the language model's q/k/v/o/gate/up/down"),
         Adapter("gemma4-b", "gemma4-bf16", 4, 8,
                 language_model_targets(("q_proj", "v_proj", "down_proj")), 3006,
                 description="rank 4 on the language model's q/v/down"),
+        Adapter("gemma4-r16", "gemma4-bf16", 16, 32, language_model_targets(ATTENTION_AND_MLP),
+                3007, description="rank 16: above --max-lora-rank 8"),
     ]
 }
 
@@ -103,7 +103,8 @@ ADAPTERS: dict[str, Adapter] = {
 # ------------------------------------------------------------------------------ building
 
 
-def _base_dir(variant: str) -> Path:
+def build_base(variant: str) -> Path:
+    """The tiny checkpoint `variant` (built by the tiny builder if not cached)."""
     return tiny.build([variant])[variant]
 
 
@@ -135,7 +136,7 @@ def _redraw_lora_weights(model: torch.nn.Module, adapter: Adapter) -> int:
 def build_adapter(adapter: Adapter, out: Path) -> None:
     from peft import LoraConfig, get_peft_model
 
-    base_dir = _base_dir(adapter.base)
+    base_dir = build_base(adapter.base)
     targets = list(adapter.targets) if isinstance(adapter.targets, tuple) else adapter.targets
     config = LoraConfig(
         r=adapter.rank, lora_alpha=adapter.alpha, target_modules=targets, lora_dropout=0.0,
@@ -242,7 +243,7 @@ def _compute_reference(adapter_dir: Path, base: str, dtype_name: str) -> dict[st
 
     in_flight = base.endswith(IN_FLIGHT_SUFFIX)
     variant = base.removesuffix(IN_FLIGHT_SUFFIX)
-    ckpt = _base_dir(variant)
+    ckpt = build_base(variant)
     stored = json.loads((ckpt / "reference.json").read_text())
     family, architecture, cases = stored["family"], stored["architecture"], stored["cases"]
     dtype = ref.DTYPES[dtype_name]
@@ -297,9 +298,34 @@ def _check_adapter_attached(model, adapter_dir: Path) -> None:
 # ------------------------------------------------------------------------------ broken ones
 
 
-def derived(name: str, source: str, edit, out: Path | None = None) -> Path:
-    """A copy of adapter `source` changed by `edit(config, tensors) -> (config, tensors)`,
-    cached as `NAME` beside it."""
+def _deeper(config: dict, tensors: dict) -> tuple[dict, dict]:
+    """The same family, a deeper model (an E4B adapter on E2B): layer 1 becomes layer 5."""
+    return config, {k.replace(".layers.1.", ".layers.5."): v for k, v in tensors.items()}
+
+
+def _fused_names(config: dict, tensors: dict) -> tuple[dict, dict]:
+    """Modules the model does not have (Falcon/GPT-NeoX names for attention)."""
+    renames = {"q_proj": "query_key_value", "o_proj": "dense"}
+    config = dict(config, target_modules=["query_key_value", "dense", "k_proj", "v_proj",
+                                          "gate_proj", "up_proj", "down_proj"])
+    out = {}
+    for key, value in tensors.items():
+        for old, new in renames.items():
+            key = key.replace(f".{old}.", f".{new}.")
+        out[key] = value
+    return config, out
+
+
+# name -> (adapter it is derived from, edit of (adapter_config, tensors))
+BROKEN = {
+    "gemma4-deeper": ("gemma4-a", _deeper),
+    "gemma4-unknown-targets": ("gemma4-a", _fused_names),
+}
+
+
+def build_broken(name: str, out: Path | None = None) -> Path:
+    """A copy of a good adapter with the edit BROKEN[name], cached beside it."""
+    source, edit = BROKEN[name]
     src = build([source], out)[source]
     dst = src.parent / name
     with _lock(src.parent):

