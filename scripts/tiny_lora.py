@@ -10,11 +10,12 @@ model with the base's shapes. PEFT initializes B to zero (the adapter would chan
 nothing), so A and B are redrawn, seeded, at a scale that moves the answer clearly.
 
 References (``references/<base>-<dtype>.json``, computed on demand, cached): the
-quantized base loaded with transformers as saved (``tiny_reference.load_reference_model``),
-the adapter attached with ``PeftModel.from_pretrained``, then the tiny builder's cases.
+quantized base loaded with transformers as saved, the adapter attached with
+``PeftModel.from_pretrained`` before the first forward, then the tiny builder's cases with
+the adapter and with it disabled (which must repeat the checkpoint's stored reference).
 ``<base>`` is a tiny variant name; ``<variant>+in-flight-nf4`` is that (bf16) variant
-quantized in flight by transformers (nf4, no double quant, blocksize 64), with and
-without the adapter, as ``--quantization bitsandbytes`` does in vLLM.
+quantized in flight by transformers (nf4, no double quant, blocksize 64), as
+``--quantization bitsandbytes`` does in vLLM.
 
 Broken adapters for the error tests (`BROKEN`) are good ones with their saved files
 edited the way such adapters arise (made for a deeper model of the family, or naming
@@ -39,6 +40,7 @@ from typing import Any
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+import bitsandbytes as bnb
 import torch
 import transformers
 from safetensors.torch import load_file, save_file
@@ -49,11 +51,13 @@ import tiny_reference as ref
 
 # Bump whenever an adapter recipe or the reference computation changes; the tiny
 # builder's version is part of it because references depend on the base's bytes.
-LORA_VERSION = f"tiny-lora-2026.1/{tiny.BUILDER_VERSION}"
+LORA_VERSION = f"tiny-lora-2026.2/{tiny.BUILDER_VERSION}"
 DEFAULT_OUT = tiny.DEFAULT_OUT / "lora"
 
 ATTENTION_AND_MLP = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 IN_FLIGHT_SUFFIX = "+in-flight-nf4"
+# Same model, same inputs, same kernels: the disabled-adapter run repeats the stored one.
+BASE_UNCHANGED_TOL = 1e-3
 
 
 def language_model_targets(leaves: tuple[str, ...]) -> str:
@@ -249,17 +253,21 @@ def _compute_reference(adapter_dir: Path, base: str, dtype_name: str) -> dict[st
     dtype = ref.DTYPES[dtype_name]
     processor = ref.load_processor(ckpt, family)
     encoded = {c["name"]: ref.encode_case(processor, family, c, ckpt) for c in cases}
-    probe = ref._cast_floats(encoded[cases[0]["name"]], dtype)
     with ref._quiet_bitsandbytes():
         if in_flight:
             model = _in_flight_model(ckpt, architecture, dtype)
-            base_refs = _run_cases(model, encoded, dtype)
         else:
-            model, _ = ref.load_reference_model(ckpt, architecture, dtype, probe)
-            base_refs = stored["references"][dtype_name]
+            model = _saved_model(ckpt, architecture, dtype)
+        # Before any forward: on the CPU, bitsandbytes repacks 4-bit weights for its
+        # kernel on the first forward, and PEFT wrapping a repacked layer changes what
+        # the base computes (measured: fp4 prompt logprobs off by 0.91, nf4 + DQ by 0.02).
         model = PeftModel.from_pretrained(model, adapter_dir).eval()
         _check_adapter_attached(model, adapter_dir)
         adapter_refs = _run_cases(model, encoded, dtype)
+        with model.disable_adapter():
+            base_refs = _run_cases(model, encoded, dtype)
+    if not in_flight:
+        _check_base_unchanged(base_refs, stored["references"][dtype_name], ckpt)
     return {
         "version": LORA_VERSION,
         "base": base,
@@ -268,6 +276,31 @@ def _compute_reference(adapter_dir: Path, base: str, dtype_name: str) -> dict[st
         "adapter": adapter_refs,
         "base_references": base_refs,
     }
+
+
+def _saved_model(ckpt: Path, architecture: str, dtype: torch.dtype) -> torch.nn.Module:
+    """The checkpoint as saved, as tiny_reference loads it, without running it: a 4-bit
+    lm_head (or one wrapping a tied plain embedding) becomes the plain head that
+    tiny_reference falls back to (bitsandbytes cannot run it)."""
+    model = getattr(transformers, architecture).from_pretrained(ckpt, dtype=dtype).eval()
+    ref._set_bnb_compute_dtype(model, dtype)
+    head = model.get_output_embeddings()
+    if isinstance(head, bnb.nn.Linear4bit):
+        model.set_output_embeddings(ref._plain_lm_head(head, dtype)[0])
+    return model
+
+
+def _check_base_unchanged(computed: dict, stored: dict, ckpt: Path) -> None:
+    """With the adapter disabled, the PEFT model must answer as the checkpoint's stored
+    reference: otherwise attaching the adapter changed the base."""
+    for name, expected in stored.items():
+        got = computed[name]["prompt_logprobs"]
+        gap = max(abs(a - b) for a, b in zip(got, expected["prompt_logprobs"], strict=True))
+        if gap > BASE_UNCHANGED_TOL:
+            raise AssertionError(
+                f"{ckpt.name}/{name}: with the adapter disabled, HF PEFT is {gap:.4f} from the "
+                "stored base reference; attaching the adapter changed the base"
+            )
 
 
 def _in_flight_model(ckpt: Path, architecture: str, dtype: torch.dtype) -> torch.nn.Module:

@@ -75,20 +75,22 @@ def check_adapter_fits(manager, lora, lora_path: str) -> None:
     present = {name for name, _ in model.named_modules()}
     not_enabled = []
     for module, weights in lora.loras.items():
-        target = targets.get(module)
-        if target is None:
-            if _exists_in_model(module, present, manager.packed_modules_mapping):
-                not_enabled.append(module)
-                continue
-            if _on_another_pipeline_stage(module, model):
-                continue
+        if module in targets:
+            target = targets[module]
+            if target is not None:
+                _check_sizes(lora_path, module, weights, target, manager)
+            continue
+        if _is_expert_weight(module, manager.modules):
+            continue  # per-expert MoE LoRA: vLLM stacks and checks it
+        if _exists_in_model(module, present, manager.packed_modules_mapping):
+            not_enabled.append(module)
+        elif not _on_another_pipeline_stage(module, model):
             raise LoRAAdapterMismatch(
                 f"LoRA adapter {_adapter_file(lora_path)}: tensor "
                 f"{_tensor_name(lora_path, module, manager)!r} is for module {module!r}, "
                 f"which {type(model).__name__} does not have: the adapter was made for "
                 f"another model{_made_for(lora_path)}"
             )
-        _check_sizes(lora_path, module, weights, target, manager)
     if not_enabled:
         logger.warning(
             "LoRA adapter %s: %d module(s) are not LoRA-enabled in this deployment and are "
@@ -98,14 +100,16 @@ def check_adapter_fits(manager, lora, lora_path: str) -> None:
         )
 
 
-def lora_targets(manager) -> dict[str, LoRATarget]:
+def lora_targets(manager) -> dict[str, LoRATarget | None]:
     """Adapter module name -> target, for every LoRA layer of the model; a fused
-    layer's slices go under the names of the modules it fuses."""
-    targets: dict[str, LoRATarget] = {}
+    layer's slices go under the names of the modules it fuses. None: a LoRA layer that
+    is not a linear one (embeddings, MoE experts), whose sizes vLLM checks itself."""
+    targets: dict[str, LoRATarget | None] = {}
     for name, module in manager.modules.items():
         base = getattr(module, "base_layer", None)
         if not isinstance(base, LinearBase):
-            continue  # embeddings, logits, MoE: vLLM's own checks
+            targets[name] = None
+            continue
         parts = manager.packed_modules.get(name)
         sizes = _slice_output_sizes(base)
         if parts and len(parts) == len(sizes):
@@ -141,6 +145,11 @@ def _check_sizes(lora_path: str, module: str, weights, target: LoRATarget, manag
         f"but layer {where} of {type(manager.model).__name__} maps {target.input_size} -> "
         f"{target.output_size}: the adapter was made for another model{_made_for(lora_path)}"
     )
+
+
+def _is_expert_weight(module: str, lora_modules: dict) -> bool:
+    owner, sep, _ = module.rpartition(".experts.")
+    return bool(sep) and f"{owner}.experts" in lora_modules
 
 
 def _exists_in_model(module: str, present: set[str], packed_mapping: dict) -> bool:
