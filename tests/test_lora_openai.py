@@ -20,17 +20,23 @@ from dataclasses import dataclass
 
 import pytest
 from openai import OpenAI
-from test_gemma4_openai import SOFT_TOL, TOL, ask
+from test_gemma4_openai import ask
 from test_lora import LORA_ENGINE, MIN_ADAPTER_EFFECT, max_deviation
 
 import tiny_lora
 from engines import openai_server
 from parity import assert_matches, load_reference
 
-# HF PEFT runs the adapter in float32 (autocast_adapter_dtype), vLLM in the bf16 model
-# dtype; both on top of the base's bf16 differences (TOL, SOFT_TOL).
-LORA_TOL = TOL
-LORA_SOFT_TOL = SOFT_TOL
+# Served in float32 against HF PEFT in float32. In bf16 the two stacks' rounding differs
+# by up to 0.3 between HF's own bf16 and float32 runs with these adapters (0.12 without),
+# which would hide an adapter applied slightly wrong.
+# Measured in float32: text within 0.02; with an image, up to 0.06 on text positions and
+# 0.085 on image placeholder positions, with or without an adapter (the vision tower's
+# inputs pass through bitsandbytes' CPU kernel, bf16 inside). The adapters move prompt
+# logprobs by 4.9 and more.
+DTYPE = "float32"
+LORA_TOL = 0.1
+LORA_SOFT_TOL = 0.15  # positions whose target is an image placeholder token
 STATIC, RUNTIME = "static-adapter", "runtime-adapter"
 
 
@@ -67,7 +73,8 @@ def served(request, tiny):
     adapter = tiny_lora.build([family.static])[family.static]
     ckpt = tiny[family.variant]
     with openai_server(
-        str(ckpt), *server_args(adapter), env={"VLLM_ALLOW_RUNTIME_LORA_UPDATING": "1"}
+        str(ckpt), *server_args(adapter), dtype=DTYPE,
+        env={"VLLM_ALLOW_RUNTIME_LORA_UPDATING": "1"},
     ) as server:
         client = OpenAI(base_url=server.base_url + "/v1", api_key="unused", max_retries=0)
         yield Served(family, client, server.base_url, str(ckpt))
@@ -104,6 +111,7 @@ def check_cases(served: Served, model: str, expected: dict, cases: list, label: 
         got = ask(served.client, model, case["messages"])
         want = expected[case["name"]]
         assert got["prompt_token_ids"] == want["prompt_token_ids"][1:]
+        print(f"{label}/{case['name']}: prompt logprobs within {max_deviation(got, want):.4f}")
         assert_matches(
             got, want, LORA_TOL, f"{label}/{case['name']}",
             soft_token_ids=placeholder_ids(ckpt), soft_tol=LORA_SOFT_TOL,
@@ -113,7 +121,7 @@ def check_cases(served: Served, model: str, expected: dict, cases: list, label: 
 
 
 def check_adapter(served: Served, model: str, adapter: str) -> dict:
-    ref = tiny_lora.reference(adapter, served.family.variant, "bfloat16")
+    ref = tiny_lora.reference(adapter, served.family.variant, DTYPE)
     for name, expected in ref["adapter"].items():
         effect = max_deviation(expected, ref["base_references"][name])
         assert effect > MIN_ADAPTER_EFFECT, f"{adapter} hardly changes {name}"
@@ -138,7 +146,7 @@ def test_runtime_loaded_adapter_matches_hf_peft(served):
 def test_base_without_adapter_matches_reference(served):
     """The base model on the same server, between adapter requests."""
     ref = load_reference(tiny_lora.build_base(served.family.variant))
-    check_cases(served, served.model, ref["references"]["bfloat16"], ref["cases"], "base")
+    check_cases(served, served.model, ref["references"][DTYPE], ref["cases"], "base")
 
 
 # Adapters that do not fit a Gemma 4 base: (tiny_lora adapter or BROKEN name, what the
@@ -165,10 +173,11 @@ def test_adapter_that_does_not_fit_is_refused_clearly(served, adapter, message):
     assert status >= 400, f"{adapter} was accepted: {body}"
     assert message in body, body
     if adapter not in ("gemma4-r16", "gemma4-unknown-targets"):
-        assert str(path) in body and "another model" in body, body
+        # vLLM's server masks file paths in error messages; the tensor is named in full.
+        assert "lora_A.weight' " in body and "another model" in body, body
     # The server still serves, and the refused adapter is not listed as a model.
     assert f"bad-{adapter}" not in {m.id for m in served.client.models.list().data}
     text = [c for c in load_reference(tiny_lora.build_base(served.family.variant))["cases"]
             if c["kind"] == "text"][:1]
-    ref = tiny_lora.reference(served.family.static, served.family.variant, "bfloat16")
+    ref = tiny_lora.reference(served.family.static, served.family.variant, DTYPE)
     check_cases(served, STATIC, ref["adapter"], text, f"{STATIC} after refusing {adapter}")
