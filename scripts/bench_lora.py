@@ -117,7 +117,11 @@ def run_engine(ckpt: Path, vocab: int, tokens: int, rank: int, adapter: Path | N
            "--tokens", str(tokens), "--rank", str(rank), "--result", str(result)]
     if adapter:
         cmd += ["--adapter", str(adapter)]
-    env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="2", HF_HUB_OFFLINE="1")
+    env = dict(
+        os.environ, VLLM_PLUGINS="bitsandbytes_mm", VLLM_CPU_KVCACHE_SPACE="2",
+        HF_HUB_OFFLINE="1", VLLM_CACHE_ROOT=str(bench.CACHE / "vllm-cache"),
+        TORCHINDUCTOR_CACHE_DIR=str(bench.CACHE / "inductor-cache"),
+    )
     subprocess.run(cmd, check=True, env=env, timeout=bench.ENGINE_TIMEOUT_S)
     return json.loads(result.read_text())
 

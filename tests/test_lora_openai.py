@@ -27,13 +27,12 @@ import tiny_lora
 from engines import openai_server
 from parity import assert_matches, load_reference
 
-# Served in float32 against HF PEFT in float32. In bf16 the two stacks' rounding differs
-# by up to 0.3 between HF's own bf16 and float32 runs with these adapters (0.12 without),
-# which would hide an adapter applied slightly wrong.
-# Measured in float32: text within 0.02; with an image, up to 0.06 on text positions and
-# 0.085 on image placeholder positions, with or without an adapter (the vision tower's
-# inputs pass through bitsandbytes' CPU kernel, bf16 inside). The adapters move prompt
-# logprobs by 4.9 and more.
+# Served in float32 against HF PEFT in float32: HF's own bf16 and float32 runs with these
+# adapters differ by up to 0.3 (0.12 without an adapter), a bf16 tolerance that would
+# hide an adapter applied slightly wrong. Measured in float32: text within 0.02; with an
+# image, up to 0.06 on text positions and 0.085 on image placeholder positions, with or
+# without an adapter (the vision tower's inputs pass through bitsandbytes' CPU kernel,
+# bf16 inside). The adapters move prompt logprobs by 4.9 and more.
 DTYPE = "float32"
 LORA_TOL = 0.1
 LORA_SOFT_TOL = 0.15  # positions whose target is an image placeholder token
