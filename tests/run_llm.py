@@ -4,7 +4,9 @@ Tests call this in a subprocess so every engine starts and dies cleanly:
     python tests/run_llm.py SPEC_JSON  ->  stdout last line: {"results": [...]}
 SPEC: {"model": path, "llm_kwargs": {...}, "prompts": [[token ids]...], "max_tokens": n,
        "bnb_layers_out": optional path: torch.save of every BnB layer as the engine holds it,
-       "expert_memory": bool}  -> also {"expert_memory": [per worker {held_bytes, bf16_bytes}]}
+       "expert_memory": bool,
+       "loras": optional, one per prompt: null (the base) or a LoRA adapter directory}
+       -> also {"expert_memory": [per worker {held_bytes, bf16_bytes}]}
    or {..., "conversations": [[OpenAI chat messages]...]} (through LLM.chat)
 """
 
@@ -56,7 +58,10 @@ def main() -> None:
         prompts = [list(out.prompt_token_ids) for out in outputs]
     else:
         prompts = spec["prompts"]
-        outputs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params)
+        outputs = llm.generate(
+            [TokensPrompt(prompt_token_ids=p) for p in prompts], params,
+            lora_request=_lora_requests(spec.get("loras")),
+        )
     results = []
     for prompt, out in zip(prompts, outputs, strict=True):
         plp = [
@@ -85,6 +90,16 @@ def main() -> None:
 
         report["expert_memory"] = llm.apply_model(expert_memory)
     print(json.dumps(report))
+
+
+def _lora_requests(paths: list[str | None] | None):
+    """One LoRARequest per adapter directory (ids by first appearance), None for the base."""
+    if paths is None:
+        return None
+    from vllm.lora.request import LoRARequest
+
+    ids = {p: i + 1 for i, p in enumerate(dict.fromkeys(p for p in paths if p is not None))}
+    return [None if p is None else LoRARequest(f"lora{ids[p]}", ids[p], p) for p in paths]
 
 
 if __name__ == "__main__":

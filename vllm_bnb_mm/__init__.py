@@ -22,6 +22,7 @@ def register() -> None:
     from .config import BnbConfig
     from .linear import register_ops
     from .loader import BnbModelLoader
+    from .lora import register_lora_checks
     from .models import register_adapters
 
     _warn_if_untested_vllm()
@@ -30,6 +31,7 @@ def register() -> None:
     register_model_loader("bitsandbytes")(BnbModelLoader)
     register_ops()
     register_adapters()
+    register_lora_checks()
     _registered = True
 
 
