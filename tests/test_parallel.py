@@ -14,10 +14,10 @@ import pytest
 from engines import run_llm
 from parity import assert_matches, load_reference
 
-# bitsandbytes' CPU 4-bit kernel rounds activations to bf16 internally, and with TP the
-# row-parallel partial sums are rounded before the all-reduce: looser than TP=1's 0.02,
+# bitsandbytes' CPU 4-bit paths round to bf16 internally (parity.TOL_4BIT_FLOAT32), and with
+# TP the row-parallel partial sums are rounded before the all-reduce: looser than TP=1,
 # still far below what one mis-sliced shard or quant state does (errors of 1 and more).
-TOL_4BIT, TOL_8BIT = 0.05, 0.1
+TOL_4BIT, TOL_8BIT = 0.08, 0.1
 TWO_WORKERS = {"VLLM_CPU_OMP_THREADS_BIND": "0|1"}
 
 
