@@ -23,16 +23,19 @@ What it does, in one run:
    ``load_weights`` wall time (same boundary for every loader), the whole ``load_model`` wall
    time (model init + load_weights + post-processing), the loader class actually used, and the
    peak RSS of that process during ``load_model`` (sampled every 5 ms, and ``ru_maxrss``). Then
-   greedy decode throughput (``ignore_eos``, fixed token-id prompts) at batch 1 and batch 4.
+   what users feel: time to first token for a 600-token text prompt and for an image + text
+   chat request, and greedy decode throughput (``ignore_eos``, fixed token-id prompts) at
+   batch 1, 4 and 16.
 4. Writes ``results/bench/latest.{md,json,png}``.
 
-Engine settings: ``enforce_eager=True, max_model_len=512, max_num_seqs=4, dtype=bfloat16``,
+Engine settings (every engine contender alike): ``ENGINE_KWARGS`` below,
 ``VLLM_CPU_KVCACHE_SPACE=2``. Each contender's log goes to ``.cache/bench/logs/``.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -61,7 +64,18 @@ HOOK_DIR = CACHE / "hook"
 LOG_DIR = CACHE / "logs"
 BUILD_VERSION = "bench-ckpt-1"
 ENGINE_TIMEOUT_S = 900
-BATCHES = (1, 4)
+BATCHES = (1, 4, 16)
+TTFT_TEXT_TOKENS = 600  # a long text prompt: one 600-token prefill step
+TTFT_REPS = 3
+IMAGE_SIZE = 768  # any size: the processor resizes to the model's 280 soft tokens
+# Every engine contender alike. Prefix caching off: a repeated measurement must not be
+# served from the KV cache of an earlier one. max_model_len fits the long prompts;
+# max_num_seqs fits the largest decode batch.
+ENGINE_KWARGS: dict[str, Any] = dict(
+    dtype="bfloat16", enforce_eager=True, max_model_len=1024, max_num_seqs=max(BATCHES),
+    seed=0, enable_prefix_caching=False,
+    limit_mm_per_prompt={"image": 1, "audio": 0, "video": 0},
+)
 
 
 def log(msg: str) -> None:
@@ -595,10 +609,7 @@ def worker_engine(args: argparse.Namespace) -> dict[str, Any]:
     sampler.start()
     from vllm import LLM, SamplingParams
 
-    kwargs: dict[str, Any] = dict(
-        model=args.ckpt, dtype="bfloat16", enforce_eager=True, max_model_len=512,
-        max_num_seqs=4, seed=0, limit_mm_per_prompt={"image": 1, "audio": 0, "video": 0},
-    )
+    kwargs: dict[str, Any] = dict(ENGINE_KWARGS, model=args.ckpt)
     if c.bnb:
         kwargs.update(quantization="bitsandbytes", load_format="bitsandbytes")
     t0 = time.perf_counter()
@@ -613,37 +624,33 @@ def worker_engine(args: argparse.Namespace) -> dict[str, Any]:
     out["engine_init_s"] = time.perf_counter() - t0
     stop.set()
     out["tree_peak_rss_mb"] = tree_peak[0] / 2**20
-    vocab = args.vocab
-    decode: dict[str, Any] = {}
-    # Warm-up: first requests pay one-time costs (kernels, allocator).
+    spy = _Spy(os.environ.get("BENCH_PYSPY_BIN"), os.environ.get("BENCH_PYSPY_RUN"))
+    # Warm-up: first requests pay one-time costs (kernels, allocator, image processor).
     t = time.perf_counter()
-    llm.generate([{"prompt_token_ids": p} for p in prompts(4, vocab)],
-                 SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True,
-                                detokenize=False), use_tqdm=False)
+    greedy = dict(temperature=0.0, ignore_eos=True, detokenize=False)
+    llm.generate([{"prompt_token_ids": p} for p in prompts(4, args.vocab)],
+                 SamplingParams(max_tokens=4, **greedy), use_tqdm=False)
+    ttft_text(llm, SamplingParams, args.vocab, seed=-1)
+    ttft_image(llm, SamplingParams, seed=-1)
     out["warmup_s"] = time.perf_counter() - t
-    spy_prefix = os.environ.get("BENCH_PYSPY_DECODE")
-    loader_pid = None
-    if spy_prefix:
-        recs = Path(os.environ["BENCH_RECORD"]).read_text().splitlines()
-        loader_pid = json.loads(recs[-1])["pid"] if recs else None
+    out["ttft"] = {}
+    for phase, measure in (("text", ttft_text), ("image", ttft_image)):
+        runs = []
+        with spy(f"ttft-{phase}"):
+            for rep in range(TTFT_REPS):
+                runs.append(measure(llm, SamplingParams, args.vocab, seed=rep)
+                            if phase == "text" else measure(llm, SamplingParams, seed=rep))
+        out["ttft"][phase] = {"seconds": [r[0] for r in runs], "prompt_tokens": runs[0][1]}
+        log(f"    {c.name}: TTFT {phase} ({runs[0][1]} prompt tokens): "
+            + ", ".join(f"{r[0]:.3f}" for r in runs) + " s")
+    decode: dict[str, Any] = {}
     for b in BATCHES:
-        spy = None
-        if spy_prefix and loader_pid:
-            spy = subprocess.Popen(
-                [os.environ["BENCH_PYSPY_BIN"], "record", "--pid", str(loader_pid), "--rate",
-                 "100", "--nonblocking", "--format", "raw", "-o", f"{spy_prefix}-b{b}.txt"],
-                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-            )
-            time.sleep(2.0)
-        sp = SamplingParams(max_tokens=args.tokens, temperature=0.0, ignore_eos=True,
-                            detokenize=False)
-        batch = [{"prompt_token_ids": p} for p in prompts(b, vocab)]
-        t = time.perf_counter()
-        res = llm.generate(batch, sp, use_tqdm=False)
-        dt = time.perf_counter() - t
-        if spy is not None:
-            spy.send_signal(signal.SIGINT)
-            spy.wait(timeout=60)
+        sp = SamplingParams(max_tokens=args.tokens, **greedy)
+        batch = [{"prompt_token_ids": p} for p in prompts(b, args.vocab)]
+        with spy(f"decode-b{b}"):
+            t = time.perf_counter()
+            res = llm.generate(batch, sp, use_tqdm=False)
+            dt = time.perf_counter() - t
         n = sum(len(r.outputs[0].token_ids) for r in res)
         decode[str(b)] = {"tokens": n, "seconds": dt, "tok_s": n / dt,
                           "first_ids": list(res[0].outputs[0].token_ids[:8])}
@@ -651,6 +658,69 @@ def worker_engine(args: argparse.Namespace) -> dict[str, Any]:
     out["decode"] = decode
     out["ok"] = True
     return out
+
+
+def long_text_prompt(vocab: int, seed: int) -> list[int]:
+    """TTFT_TEXT_TOKENS fixed token ids, different per seed (no prefix shared with another
+    measurement, so no cache can serve it)."""
+    base = 300  # past the special and byte tokens
+    span = min(vocab, 4096) - base
+    return [2] + [base + (11 * i + 101 * (seed + 2)) % span for i in range(TTFT_TEXT_TOKENS - 1)]
+
+
+def ttft_text(llm, sampling_params, vocab: int, seed: int) -> tuple[float, int]:
+    """Wall time of a one-token generation for a long text prompt: prefill + first token."""
+    prompt = {"prompt_token_ids": long_text_prompt(vocab, seed)}
+    t = time.perf_counter()
+    llm.generate([prompt], sampling_params(max_tokens=1, temperature=0.0, detokenize=False),
+                 use_tqdm=False)
+    return time.perf_counter() - t, len(prompt["prompt_token_ids"])
+
+
+def ttft_image(llm, sampling_params, seed: int) -> tuple[float, int]:
+    """Wall time of a one-token chat answer to an image + a question, as a user sends it:
+    image processing, vision tower, prefill, first token. A new random image each time."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed + 7)
+    image = Image.fromarray(rng.integers(0, 256, (IMAGE_SIZE, IMAGE_SIZE, 3), dtype=np.uint8))
+    messages = [{"role": "user", "content": [
+        {"type": "image_pil", "image_pil": image},
+        {"type": "text", "text": "What is in this picture? Describe it in one sentence."},
+    ]}]
+    t = time.perf_counter()
+    res = llm.chat(messages, sampling_params(max_tokens=1, temperature=0.0, detokenize=False),
+                   use_tqdm=False)
+    return time.perf_counter() - t, len(res[0].prompt_token_ids)
+
+
+class _Spy:
+    """Profiling runs only: py-spy on the engine worker (the process that loaded the
+    model) for the duration of one phase."""
+
+    def __init__(self, exe: str | None, prefix: str | None) -> None:
+        self.exe, self.prefix, self.pid = exe, prefix, None
+        if exe and prefix:
+            recs = Path(os.environ["BENCH_RECORD"]).read_text().splitlines()
+            self.pid = json.loads(recs[-1])["pid"] if recs else None
+
+    @contextlib.contextmanager
+    def __call__(self, phase: str):
+        if self.pid is None:
+            yield
+            return
+        proc = subprocess.Popen(
+            [self.exe, "record", "--pid", str(self.pid), "--rate", "100", "--nonblocking",
+             "--format", "raw", "-o", f"{self.prefix}-{phase}.txt"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+        time.sleep(2.0)
+        try:
+            yield
+        finally:
+            proc.send_signal(signal.SIGINT)
+            proc.wait(timeout=60)
 
 
 def run_contender(c: Contender, ckpts: dict[str, Path], rep: int | str, vocab: int,
@@ -728,8 +798,10 @@ def run_contender(c: Contender, ckpts: dict[str, Path], rep: int | str, vocab: i
 PROFILE_PHASES = (
     # phase, file suffix, root frame (stacks outside it are other threads / idle polling)
     ("load", "-load.txt", "load_model (bench_hook.py"),
+    ("TTFT long text prompt", "-ttft-text.txt", "GPUModelRunner.execute_model ("),
+    ("TTFT image + text", "-ttft-image.txt", "GPUModelRunner.execute_model ("),
     ("decode batch 1", "-decode-b1.txt", "GPUModelRunner.execute_model ("),
-    ("decode batch 4", "-decode-b4.txt", "GPUModelRunner.execute_model ("),
+    ("decode batch 16", "-decode-b16.txt", "GPUModelRunner.execute_model ("),
 )
 
 
@@ -803,7 +875,7 @@ def run_profiles(names: list[str], ckpts: dict[str, Path], vocab: int,
         log(f"profile run (py-spy, not measured): {name} ...")
         env = {"BENCH_PYSPY_BIN": spy,
                "BENCH_PYSPY_LOAD": str(out_dir / f"{name}-load.txt"),
-               "BENCH_PYSPY_DECODE": str(out_dir / f"{name}-decode")}
+               "BENCH_PYSPY_RUN": str(out_dir / name)}
         r = run_contender(c, ckpts, "profile", vocab, tokens, extra_env=env)
         if not r.get("ok"):
             log(f"  {name}: profile run failed: {(r.get('error') or '')[:200]}")
@@ -852,6 +924,11 @@ def aggregate(runs: list[dict[str, Any]]) -> dict[str, Any]:
         for b in BATCHES:
             a[f"decode_b{b}_tok_s"] = stats(
                 [r["decode"][str(b)]["tok_s"] for r in ok if "decode" in r])
+        for phase in ("text", "image"):  # every measurement of every run
+            a[f"ttft_{phase}_s"] = stats(
+                [x for r in ok if "ttft" in r for x in r["ttft"][phase]["seconds"]])
+            a[f"ttft_{phase}_tokens"] = next(
+                (r["ttft"][phase]["prompt_tokens"] for r in ok if "ttft" in r), None)
         agg[c.name] = a
     return agg
 
@@ -910,9 +987,18 @@ def _pair(s: dict | None, digits: int = 2) -> str:
 
 
 def _ratio(a: dict | None, b: dict | None) -> str:
-    if not a or not b or not b["median"]:
+    if not a or not b or not b["median"] or not b["min"]:
         return "n/a"
-    return f"{a['median'] / b['median']:.2f}×"
+    return f"{a['median'] / b['median']:.2f}× ({a['min'] / b['min']:.2f}×)"
+
+
+def _tokens(agg: dict[str, Any], phase: str) -> str:
+    found = {a.get(f"ttft_{phase}_tokens") for a in agg.values()} - {None}
+    return "/".join(str(t) for t in sorted(found)) or "?"
+
+
+def _kwargs_text() -> str:
+    return ", ".join(f"{k}={v!r}" for k, v in ENGINE_KWARGS.items())
 
 
 def _esc(text: str) -> str:
@@ -945,15 +1031,21 @@ def render_md(report: dict[str, Any]) -> str:
         f"{ck['nf4']['packed_linears']} packed linears (text, PLE, vision tower, "
         "embed_vision).",
         "",
-        "Engine: `LLM(enforce_eager=True, max_model_len=512, max_num_seqs=4, "
-        "dtype=\"bfloat16\")`, `VLLM_CPU_KVCACHE_SPACE=2`; BnB contenders add "
+        f"Engine: `LLM({_kwargs_text()})`, `VLLM_CPU_KVCACHE_SPACE=2`; BnB contenders add "
         "`quantization=load_format=\"bitsandbytes\"` with only their plugin enabled "
         "(`VLLM_PLUGINS`). One fresh subprocess per contender and repetition, page cache warm. "
-        "Cells: median (min) over repetitions.",
+        "Cells: median (min) over repetitions (TTFT: over every measurement of every "
+        "repetition).",
         "",
-        "| contender | load_weights s | load_model s | peak RSS MiB | RSS growth MiB "
-        "| decode b1 tok/s | decode b4 tok/s | status |",
-        "|---|---:|---:|---:|---:|---:|---:|---|",
+        "| contender | load_weights s | load_model s | peak RSS MiB | RSS growth MiB | status |",
+        "|---|---:|---:|---:|---:|---|",
+    ]
+    speed = [
+        "",
+        f"| contender | TTFT text ({_tokens(agg, 'text')} tok) s "
+        f"| TTFT image+text ({_tokens(agg, 'image')} tok) s "
+        + "".join(f"| decode b{b} tok/s " for b in BATCHES) + "|",
+        "|---|---:|---:|" + "---:|" * len(BATCHES),
     ]
     for name, a in agg.items():
         status = "ok" if not a["errors"] else (
@@ -968,34 +1060,41 @@ def render_md(report: dict[str, Any]) -> str:
         lines.append(
             f"| {a['label']} | {_pair(a['load_weights_s'])} | "
             f"{'—' if floor else _pair(a['load_model_s'])} | {mib('rss_peak_mb')} | "
-            f"{mib('rss_growth_mb')} | "
-            f"{'—' if floor else _pair(a['decode_b1_tok_s'])} | "
-            f"{'—' if floor else _pair(a['decode_b4_tok_s'])} | {status} |"
+            f"{mib('rss_growth_mb')} | {status} |"
         )
+        if not floor:
+            speed.append(
+                f"| {a['label']} | {_pair(a.get('ttft_text_s'), 3)} | "
+                f"{_pair(a.get('ttft_image_s'), 3)} | "
+                + " | ".join(_pair(a.get(f"decode_b{b}_tok_s")) for b in BATCHES) + " |"
+            )
+    lines += speed
     o, i, f, n = (agg.get(k, {}) for k in ("ours", "incumbent", "floor-nf4", "native-bf16"))
 
     def g(d: dict, k: str) -> dict | None:
         return d.get(k) if d else None
 
+    keys = ["load_weights_s", "load_model_s", "rss_peak_mb", "ttft_text_s", "ttft_image_s",
+            *(f"decode_b{b}_tok_s" for b in BATCHES)]
     lines += [
         "",
-        "| ratio of medians | load_weights | load_model | peak RSS | RSS growth | decode b1 "
-        "| decode b4 |",
-        "|---|---:|---:|---:|---:|---:|---:|",
+        "| ratio: median (min) | load_weights | load_model | peak RSS | TTFT text "
+        "| TTFT image | " + " | ".join(f"decode b{b}" for b in BATCHES) + " |",
+        "|---|" + "---:|" * len(keys),
     ]
     for label, other in (("ours / incumbent", i), ("ours / read floor (nf4)", f),
                          ("ours / native bf16", n)):
-        cells = [_ratio(g(o, k), g(other, k)) for k in (
-            "load_weights_s", "load_model_s", "rss_peak_mb", "rss_growth_mb",
-            "decode_b1_tok_s", "decode_b4_tok_s")]
+        cells = [_ratio(g(o, k), g(other, k)) for k in keys]
         if other is f:
-            cells[1], cells[4], cells[5] = "—", "—", "—"
+            cells[1:2] = ["—"]
+            cells[3:] = ["—"] * (len(keys) - 3)
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     loads = sorted(r.get("loadavg1_before", 0.0) for r in report["runs"])
     keep = g(f, "keep_s")
     lines += [
         "",
-        "Load ratios below 1× are better (faster / smaller); decode ratios above 1× are better.",
+        "Load, RSS and TTFT ratios below 1× are better (faster / smaller); decode ratios above "
+        "1× are better.",
         "",
         "- **load_weights**: wall time of the loader's `load_weights(model, model_config)` "
         "(read, route, copy; for the incumbent also its quant-state stacking), timed by a "
@@ -1017,6 +1116,13 @@ def render_md(report: dict[str, Any]) -> str:
         + "). Read floors: `ru_maxrss` with every tensor kept, over the RSS after the "
         "streaming passes; it also counts the file's mmap pages that `safe_open` maps "
         "(file-backed, ≈ the file size), as RSS does for any mmap-based loader.",
+        "- **TTFT** (time to first token, what a user waits before the answer starts): wall "
+        "time of `LLM.generate(max_tokens=1)` for a long text prompt (fixed token ids, a "
+        "different prompt per measurement: prefix caching is off anyway), and of "
+        "`LLM.chat(max_tokens=1)` for an image (a fresh random "
+        f"{IMAGE_SIZE}×{IMAGE_SIZE} picture each time) with a one-line question: image "
+        "processing, vision tower, prefill of the soft tokens and text, first token. "
+        f"{TTFT_REPS} measurements per engine after one warm-up of each.",
         "- **decode**: `LLM.generate` of "
         f"{report['tokens']} new tokens per sequence (greedy, `ignore_eos`, 16-token prompts, "
         "no detokenization) after a warm-up request; tok/s = generated tokens / wall time. "
@@ -1028,7 +1134,8 @@ def render_md(report: dict[str, Any]) -> str:
     if report.get("same_tokens") is False:
         lines[-2] = lines[-2].replace("All contenders produced the same greedy tokens",
                                       "Greedy tokens DIFFER between contenders")
-    lines[-1] += "; vLLM pins its CPU worker to one core and leaves the other to the engine."
+    lines[-1] += ("; vLLM pins its CPU worker to one core and leaves the other to the "
+                  "engine. Compare ratios within this run, not absolute numbers across runs.")
     loaders = {name: a["loaders"] for name, a in agg.items() if not name.startswith("floor")}
     lines += ["", "Loader class that actually ran (checked per run): " + "; ".join(
         f"{k}: `{', '.join(v) or 'none'}`" for k, v in loaders.items()) + "."]
@@ -1056,17 +1163,19 @@ def render_png(report: dict[str, Any], path: Path) -> None:
     colors = {"floor-nf4": "#999999", "floor-bf16": "#cccccc", "ours": "#1f77b4",
               "incumbent": "#ff7f0e", "native-bf16": "#2ca02c"}
     engines = [k for k in agg if not k.startswith("floor")]
-    fig, axes = plt.subplots(1, 4, figsize=(18, 5))
     panels = [
         # (title, names, [(key, bar style), ...]); a second key draws a hatched twin bar.
         ("load time (s, lower is better)\nsolid: load_weights · hatched: whole load_model",
          list(agg), [("load_weights_s", ""), ("load_model_s", "//")]),
         ("peak RSS while loading (MiB)\ndashed: engine worker RSS before loading",
          list(agg), [("rss_peak_mb", "")]),
-        ("decode batch 1 (tok/s, higher is better)", engines, [("decode_b1_tok_s", "")]),
-        ("decode batch 4 (tok/s, higher is better)", engines, [("decode_b4_tok_s", "")]),
+        (f"time to first token (s, lower is better)\nsolid: {TTFT_TEXT_TOKENS}-token text · "
+         "hatched: image + text", engines, [("ttft_text_s", ""), ("ttft_image_s", "//")]),
+        *((f"decode batch {b} (tok/s, higher is better)", engines,
+           [(f"decode_b{b}_tok_s", "")]) for b in BATCHES),
     ]
-    for ax, (title, names, keys) in zip(axes, panels, strict=True):
+    fig, axes = plt.subplots(2, 3, figsize=(16, 9))
+    for ax, (title, names, keys) in zip(axes.flat, panels, strict=True):
         width = 0.8 / len(keys)
         for j, (key, hatch) in enumerate(keys):
             for i, nm in enumerate(names):

@@ -26,6 +26,7 @@ from vllm.model_executor.layers.linear import (
 )
 
 from bnb_files import packed_4bit_tensors, packed_8bit_tensors, write
+from vllm_bnb_mm import cpu, linear
 from vllm_bnb_mm import quant_state as qs
 from vllm_bnb_mm.checkpoint import FileReader, scan_checkpoint
 from vllm_bnb_mm.config import BnbConfig
@@ -360,3 +361,96 @@ def test_shards_fused_on_disk_split_across_two_ranks(tmp_path, monkeypatch, laye
     x = torch.randn(3, HIDDEN, generator=torch.Generator().manual_seed(2)).to(torch.bfloat16)
     got = _reassemble_columns([_forward(r, x).float() for r in ranks], logical)
     torch.testing.assert_close(got, _forward(full, x).float(), rtol=2e-2, atol=2e-2)
+
+# ------------------------------------------------------- CPU 4-bit forward: fused vs GEMM
+
+needs_cpu_kernels = pytest.mark.skipif(
+    not bnbf.has_avx512bf16() or cpu.kernels() is None,
+    reason="bitsandbytes' AVX512-BF16 CPU kernel layout (and our C routines) not available",
+)
+
+
+def _spy_gemm_path(monkeypatch) -> list[int]:
+    calls: list[int] = []
+    real = linear._dequantize_and_gemm
+
+    def spy(x, weight, state):
+        calls.append(x.shape[0])
+        return real(x, weight, state)
+
+    monkeypatch.setattr(linear, "_dequantize_and_gemm", spy)
+    return calls
+
+
+@needs_cpu_kernels
+@pytest.mark.parametrize("quant_name", ["nf4-dq", "fp4"])
+@pytest.mark.parametrize("layer_kind", ["qkv", "gate_up", "row"])
+def test_cpu_forward_uses_fused_kernel_for_few_tokens_and_gemm_for_many(
+    tmp_path, monkeypatch, layer_kind, quant_name
+):
+    quant = QUANTS[quant_name]
+    make, shards = LAYERS[layer_kind]
+    path, tensors = _checkpoint(tmp_path, quant, shards)
+    layer = _build_and_load(make, shards, path, quant)
+    assert layer.bnb_parts[0][2].packing_format_for_cpu
+    gemm_calls = _spy_gemm_path(monkeypatch)
+    threshold = cpu.gemm_min_tokens()
+    g = torch.Generator().manual_seed(3)
+    for m in (1, threshold - 1, threshold, 2 * threshold + 3):
+        x = torch.randn(m, shards[0][3], generator=g).to(torch.bfloat16)
+        got = _forward(layer, x).float()
+        expected = _bnb_reference(x, tensors, shards, quant).float()
+        torch.testing.assert_close(got, expected, rtol=2e-2, atol=2e-2)
+    assert gemm_calls == [threshold, 2 * threshold + 3]
+
+
+@needs_cpu_kernels
+def test_float32_activations_keep_the_fused_kernel_at_every_batch_size(tmp_path, monkeypatch):
+    """The GEMM path rounds its output to bf16; a float32 model keeps what transformers
+    computes (the fused kernel's float32 output)."""
+    quant = QUANTS["nf4-dq"]
+    make, shards = LAYERS["row"]
+    path, tensors = _checkpoint(tmp_path, quant, shards)
+    layer = _build_and_load(make, shards, path, quant)
+    gemm_calls = _spy_gemm_path(monkeypatch)
+    x = torch.randn(2 * cpu.gemm_min_tokens(), shards[0][3],
+                    generator=torch.Generator().manual_seed(6))
+    got = _forward(layer, x)
+    assert got.dtype == torch.float32 and gemm_calls == []
+    torch.testing.assert_close(got, _bnb_reference(x, tensors, shards, quant).float(),
+                               rtol=2e-2, atol=2e-2)
+
+
+@needs_cpu_kernels
+def test_gemm_path_dequantizes_in_bounded_blocks(tmp_path, monkeypatch):
+    """A weight larger than the scratch buffer is dequantized block by block of rows; the
+    buffer never grows past the bound, and the result is the same."""
+    quant = QUANTS["nf4-dq"]
+    make, shards = LAYERS["gate_up"]
+    path, tensors = _checkpoint(tmp_path, quant, shards)
+    layer = _build_and_load(make, shards, path, quant)
+    monkeypatch.setattr(linear, "SCRATCH_ELEMENTS", 64 * HIDDEN)  # 8 blocks of 64 rows
+    monkeypatch.setattr(linear, "_scratch", torch.empty(0, dtype=torch.bfloat16))
+    x = torch.randn(40, HIDDEN, generator=torch.Generator().manual_seed(4)).to(torch.bfloat16)
+    x = torch.cat([x] * (cpu.gemm_min_tokens() // 40 + 1))
+    got = _forward(layer, x).float()
+    torch.testing.assert_close(got, _bnb_reference(x, tensors, shards, quant).float(),
+                               rtol=2e-2, atol=2e-2)
+    assert linear._scratch.numel() == 64 * HIDDEN
+
+
+@needs_cpu_kernels
+def test_without_the_c_routines_every_batch_size_runs_the_fused_kernel(tmp_path, monkeypatch):
+    quant = QUANTS["fp4"]
+    make, shards = LAYERS["qkv"]
+    path, tensors = _checkpoint(tmp_path, quant, shards)
+    monkeypatch.setattr(cpu, "kernels", lambda: None)
+    layer = _build_and_load(make, shards, path, quant)  # the uint8 tensor-op repack
+    assert layer.bnb_parts[0][2].packing_format_for_cpu
+    gemm_calls = _spy_gemm_path(monkeypatch)
+    x = torch.randn(cpu.gemm_min_tokens() + 1, HIDDEN, generator=torch.Generator().manual_seed(5))
+    x = x.to(torch.bfloat16)
+    torch.testing.assert_close(_forward(layer, x).float(),
+                               _bnb_reference(x, tensors, shards, quant).float(),
+                               rtol=2e-2, atol=2e-2)
+    assert gemm_calls == []

@@ -172,9 +172,18 @@ def test_merged_shards_equal_their_parts():
 
 @pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
 @pytest.mark.parametrize("shape", [(64, 128), (96, 256), (256, 1024)])
-def test_cpu_kernel_repack_is_byte_identical_to_bitsandbytes(quant_type, shape):
+@pytest.mark.parametrize("routine", ["c", "tensor-ops"])
+def test_cpu_kernel_repack_is_byte_identical_to_bitsandbytes(
+    monkeypatch, quant_type, shape, routine
+):
     import copy
 
+    from vllm_bnb_mm import cpu
+
+    if routine == "c" and cpu.kernels() is None:
+        pytest.skip("cpu_kernels.c is not built on this CPU")
+    if routine == "tensor-ops":
+        monkeypatch.setattr(cpu, "kernels", lambda: None)
     packed, state = _packed(*shape, quant_type, double_quant=True)
     expected, expected_state = bnbf._convert_weight_packed_for_cpu(
         packed.clone(), copy.deepcopy(state)

@@ -17,6 +17,7 @@ import torch
 from bitsandbytes import functional as bnbf
 from bitsandbytes.functional import QuantState
 
+from . import cpu
 from .checkpoint import (
     MAX_QUANT_STATE_JSON_BYTES,
     RESAVE_HINT,
@@ -496,21 +497,37 @@ def repack_for_cpu_kernel(
     packed: torch.Tensor, state: QuantState, block_n: int = 32
 ) -> tuple[torch.Tensor, QuantState]:
     """The weight layout of bitsandbytes' AVX512-BF16 4-bit kernel, byte for byte what
-    `bitsandbytes.functional._convert_weight_packed_for_cpu` produces, computed in uint8:
-    bitsandbytes unpacks every nibble to int32 first, which made this repack the largest
-    cost of loading (4x the memory traffic). `state` must have flat float32 absmax."""
+    `bitsandbytes.functional._convert_weight_packed_for_cpu` produces (which unpacks every
+    nibble to int32 first: 4x the memory traffic, the largest cost of loading). One pass of
+    our C routine where it builds, else uint8 tensor ops. `state` must have flat float32
+    absmax."""
     n, k = state.shape
-    flat = packed.reshape(-1)
-    # Byte i holds element 2i in its high nibble and element 2i+1 in its low nibble.
-    nibbles = torch.stack((flat >> 4, flat & 0xF), dim=-1)
-    # Tiles of block_n rows x 2 columns, each tile's 2*block_n values contiguous.
-    tiles = nibbles.reshape(n // block_n, block_n, k // 2, 2).transpose(1, 2)
-    tiles = tiles.reshape(-1, 2 * block_n)
-    out = (tiles[:, block_n:] << 4) | tiles[:, :block_n]
+    if cpu.kernels() is not None:
+        out = cpu.repack(packed.reshape(-1), n, k)
+    else:
+        out = _repack_with_torch(packed, n, k, block_n)
     cpu_state = _with(state, state.absmax, (n, k))
     cpu_state.absmax = (
         state.absmax.reshape(n, k // state.blocksize).t().to(torch.bfloat16).contiguous()
     )
+    cpu_state.code = state.code.float().contiguous()
     cpu_state.dtype = torch.bfloat16
     cpu_state.packing_format_for_cpu = True
-    return out.reshape(n, k // 2), cpu_state
+    return out, cpu_state
+
+
+def _repack_with_torch(packed: torch.Tensor, n: int, k: int, block_n: int) -> torch.Tensor:
+    # Plain byte (row r, column pair p) holds W[r, 2p] high, W[r, 2p+1] low. In each block
+    # of block_n rows, kernel byte 2j + c of pair p holds W[j, 2p + c] low and
+    # W[j + block_n/2, 2p + c] high: combine the two half-blocks' bytes, then put the pairs
+    # (c = 0, 1) of all j for one p next to each other (as int16, so the transposing copy
+    # moves 2 bytes at a time).
+    half = block_n // 2
+    rows = packed.reshape(n // block_n, 2, half, k // 2)
+    low, high = rows[:, 0], rows[:, 1]
+    even = (high & 0xF0) | (low >> 4)
+    odd = (high << 4) | (low & 0x0F)
+    pairs = torch.stack((even, odd), dim=-1).view(torch.int16).squeeze(-1)
+    out = torch.empty(n, k // 2, dtype=torch.uint8)
+    out.view(torch.int16).view(n // block_n, k // 2, half).copy_(pairs.transpose(1, 2))
+    return out
