@@ -10,6 +10,8 @@ sys.path.insert(0, str(ROOT / "scripts"))
 from fixtures import tiny  # noqa: E402,F401  (session fixture shared by all tests)
 
 
+# tryfirst: xdist's worker reads the xdist_group marks in its own hook of this name.
+@pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(config, items):
     """Under pytest-xdist (`-n 2 --dist loadgroup`), tests that share a module-scoped
     fixture (one engine or server per module, or per fixture parameter) stay on one

@@ -22,8 +22,10 @@ from parity import assert_matches, distance_to, first_token_distribution, load_r
 # Served in bf16 against HF's bf16 run of the same checkpoint: summation order and
 # bf16 rounding differ between the two stacks (measured up to 0.2 on text positions,
 # up to 0.46 on image placeholder positions; wrong image features or re-quantized
-# tower weights give errors of 1.3-5).
-TOL = 0.25
+# tower weights give errors of 1.3-5). A bf16 prefill of 16+ tokens runs dequantize +
+# bf16 GEMM (vllm_bnb_mm/cpu.py), whose weights are rounded to bf16 where HF's fused
+# kernel keeps them float32: measured up to 0.251 on text positions (AMX Xeon).
+TOL = 0.3
 SOFT_TOL = 0.6
 # LLM.int8 behind an 8-bit tower: the same bf16 noise, larger (measured on an AMX Xeon:
 # up to 0.19 on text cases, 0.26 on text after an image; nf4 on the same prompts 0.17).
