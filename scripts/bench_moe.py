@@ -101,7 +101,7 @@ def build_checkpoints(spec: MoESpec) -> dict[str, Path]:
     from transformers import BitsAndBytesConfig, Qwen3MoeConfig, Qwen3MoeForCausalLM
 
     import tiny_moe
-    from build_tiny_checkpoints import llama_tokenizer
+    from tiny_families.llama import tokenizer as llama_tokenizer
 
     log(f"building {spec.name} (bf16, transformers 5 nf4, per-expert nf4)")
     config = Qwen3MoeConfig(
