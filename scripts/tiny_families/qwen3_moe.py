@@ -4,21 +4,20 @@ writes both layouts and their references)."""
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
-import torch
-import transformers
 from torch import nn
 from transformers import Qwen3MoeForCausalLM
 
 import tiny_moe
 
-from .common import INT8, NF4_DQ, Base, Family, InitScales, Variant
-from .llama import tokenizer
+from .common import INT8, NF4_DQ, Base, InitScales, Variant
+from .llama import Llama, tokenizer
 
 
-class Qwen3Moe(Family):
+class Qwen3Moe(Llama):
+    """A text family: the Llama tokenizer, prompts and reference encoding."""
+
     name = "qwen3_moe"
     media = ()
     bases = {
@@ -47,18 +46,6 @@ class Qwen3Moe(Family):
 
     def adjust_weights(self, model: nn.Module, base: Base) -> None:
         tiny_moe.redraw_experts(model, base.scales.seed)
-
-    def load_processor(self, ckpt_dir: Path) -> Any:
-        return transformers.AutoTokenizer.from_pretrained(ckpt_dir)
-
-    def encode_case(
-        self, processor: Any, case: dict[str, Any], ckpt_dir: Path
-    ) -> dict[str, torch.Tensor]:
-        text = processor.apply_chat_template(
-            case["messages"], add_generation_prompt=True, tokenize=False
-        )
-        ids = processor(text, add_special_tokens=False)["input_ids"]
-        return {"input_ids": torch.tensor([ids])}
 
 
 QWEN3_MOE = Qwen3Moe()
