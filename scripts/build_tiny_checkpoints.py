@@ -294,7 +294,7 @@ def build(
         raise ValueError(f"unknown variant(s) {unknown}; known: {sorted(VARIANTS)}")
     out = Path(out) if out is not None else DEFAULT_OUT
     out.mkdir(parents=True, exist_ok=True)
-    with _build_lock(out):
+    with build_lock(out):
         _remove_stale_staging(out)
         # Checked under the lock: another process (e.g. a parallel test worker) may have just
         # built what we need.
@@ -305,7 +305,8 @@ def build(
 
 
 @contextlib.contextmanager
-def _build_lock(out: Path) -> Iterator[None]:
+def build_lock(out: Path) -> Iterator[None]:
+    """One builder at a time per output folder (parallel test workers, tiny_lora)."""
     with (out / ".build.lock").open("w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         try:

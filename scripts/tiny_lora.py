@@ -25,15 +25,12 @@ modules the model does not have).
 from __future__ import annotations
 
 import argparse
-import contextlib
-import fcntl
 import json
 import math
 import os
 import shutil
 import sys
 import tempfile
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -178,7 +175,7 @@ def build(names: list[str] | None = None, out: Path | None = None, *,
         raise ValueError(f"unknown adapter(s) {unknown}; known: {sorted(ADAPTERS)}")
     out = Path(out) if out is not None else DEFAULT_OUT
     out.mkdir(parents=True, exist_ok=True)
-    with _lock(out):
+    with tiny.build_lock(out):
         for name in names:
             final = out / name
             if not force and _is_current(final):
@@ -202,16 +199,6 @@ def _publish(staging: Path, final: Path) -> None:
     staging.rename(final)
 
 
-@contextlib.contextmanager
-def _lock(out: Path) -> Iterator[None]:
-    with (out / ".build.lock").open("w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
-
-
 # ------------------------------------------------------------------------------ references
 
 
@@ -223,7 +210,7 @@ def reference(adapter_name: str, base: str, dtype: str, out: Path | None = None)
     computed here for in-flight quantization). Cached beside the adapter."""
     adapter_dir = build([adapter_name], out)[adapter_name]
     path = adapter_dir / "references" / f"{base}-{dtype}.json"
-    with _lock(adapter_dir.parent):
+    with tiny.build_lock(adapter_dir.parent):
         cached = _read_reference(path)
         if cached is not None:
             return cached
@@ -363,7 +350,7 @@ def build_broken(name: str, out: Path | None = None) -> Path:
     source, edit = BROKEN[name]
     src = build([source], out)[source]
     dst = src.parent / name
-    with _lock(src.parent):
+    with tiny.build_lock(src.parent):
         if _is_current(dst):
             return dst
         staging = Path(tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=src.parent))
