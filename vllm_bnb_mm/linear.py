@@ -201,7 +201,7 @@ def _region_4bit(layer, loaded, packed, src_rows, cols, config: BnbConfig):
     if packed is None:
         PACKED.note_quantized_in_flight(layer.bnb_prefix)
         if _cut_keeps_blocks(loaded.shape[-1], config.blocksize, src_rows, cols):
-            plain = _slice_plain(loaded, src_rows, cols)
+            plain = qs.slice_rows_cols(loaded, src_rows, cols)
             return qs.quantize_4bit(
                 plain, config.quant_type, config.blocksize, layer.bnb_compute_dtype
             )
@@ -237,7 +237,7 @@ def _cut_keeps_blocks(width: int, blocksize: int, src_rows, cols) -> bool:
 def _dequantized_slice(layer, data, state, src_rows, cols) -> torch.Tensor:
     """The rank's slice of the dequantized full weight, in the compute dtype."""
     full = qs.dequantize_4bit(data, state, layer.bnb_compute_dtype).reshape(state.shape)
-    return _slice_plain(full, src_rows, cols).contiguous()
+    return qs.slice_rows_cols(full, src_rows, cols).contiguous()
 
 
 def _check_plain_rows(layer, packed, data: torch.Tensor, rows) -> None:
@@ -253,20 +253,12 @@ def _check_plain_rows(layer, packed, data: torch.Tensor, rows) -> None:
 def _region_8bit(layer, loaded, packed, src_rows, cols):
     if packed is None:
         PACKED.note_quantized_in_flight(layer.bnb_prefix)
-        return qs.quantize_8bit(_slice_plain(loaded, src_rows, cols))
-    data = _slice_plain(loaded, src_rows, cols)
+        return qs.quantize_8bit(qs.slice_rows_cols(loaded, src_rows, cols))
+    data = qs.slice_rows_cols(loaded, src_rows, cols)
     scb = packed.state.scb
     if src_rows is not None:
         scb = scb[src_rows[0] : src_rows[1]]
     return data, qs.Int8State(scb=scb)
-
-
-def _slice_plain(t: torch.Tensor, rows, cols) -> torch.Tensor:
-    if rows is not None:
-        t = t[rows[0] : rows[1]]
-    if cols is not None:
-        t = t[:, cols[0] : cols[1]]
-    return t
 
 
 def _check_coverage(layer, regions: list[Region]) -> None:

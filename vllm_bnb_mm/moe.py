@@ -287,7 +287,7 @@ class _ShardSource:
             )
         self._check_shape(loaded.shape, "the plain checkpoint tensor")
         device = self.layer.w13_weight.device
-        plain = _cut(loaded, self.rows, self.cols).to(device).contiguous()
+        plain = qs.slice_rows_cols(loaded, self.rows, self.cols).to(device).contiguous()
         if self.method.kind == "8bit":
             return qs.quantize_8bit(plain)
         config = self.method.config
@@ -315,7 +315,8 @@ class _ShardSource:
             "and requantized that slice", self.what(), packed.name, packed.state.blocksize,
         )
         full = qs.dequantize_4bit(packed.data, packed.state, torch.float32)
-        plain = _cut(full.reshape(packed.state.shape), self.rows, self.cols).contiguous()
+        full = full.reshape(packed.state.shape)
+        plain = qs.slice_rows_cols(full, self.rows, self.cols).contiguous()
         state = packed.state
         return qs.quantize_4bit(plain, state.quant_type, state.blocksize, state.dtype)
 
@@ -325,15 +326,7 @@ class _ShardSource:
         scb = packed.state.scb
         if self.rows is not None:
             scb = scb[self.rows[0] : self.rows[1]]
-        return _cut(packed.data, self.rows, self.cols), qs.Int8State(scb=scb)
-
-
-def _cut(t: torch.Tensor, rows, cols) -> torch.Tensor:
-    if rows is not None:
-        t = t[rows[0] : rows[1]]
-    if cols is not None:
-        t = t[:, cols[0] : cols[1]]
-    return t
+        return qs.slice_rows_cols(packed.data, self.rows, self.cols), qs.Int8State(scb=scb)
 
 
 def _expert_states(layer, prefix: str, regions: dict, shards: tuple[str, ...]) -> list[list]:

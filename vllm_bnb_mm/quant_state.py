@@ -531,3 +531,14 @@ def _repack_with_torch(packed: torch.Tensor, n: int, k: int, block_n: int) -> to
     out = torch.empty(n, k // 2, dtype=torch.uint8)
     out.view(torch.int16).view(n // block_n, k // 2, half).copy_(pairs.transpose(1, 2))
     return out
+
+
+def slice_rows_cols(
+    t: torch.Tensor, rows: tuple[int, int] | None, cols: tuple[int, int] | None
+) -> torch.Tensor:
+    """Rows [a, b) and columns [c, d) of a plain 2-D weight (None: all), as a view."""
+    if rows is not None:
+        t = t[rows[0] : rows[1]]
+    if cols is not None:
+        t = t[:, cols[0] : cols[1]]
+    return t
