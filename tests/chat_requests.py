@@ -3,8 +3,6 @@ HF references in reference.json."""
 
 from __future__ import annotations
 
-import json
-
 from openai import OpenAI
 
 
@@ -38,10 +36,3 @@ def _id_of_actual(entry: dict) -> tuple[int, float]:
     items = sorted(entry.items(), key=lambda kv: -kv[1]["rank"])
     token, info = items[0]
     return int(token), info["logprob"]
-
-
-def placeholder_ids(ckpt) -> frozenset[int]:
-    """Multimodal placeholder token ids of a checkpoint (whatever its config calls them)."""
-    config = json.loads((ckpt / "config.json").read_text())
-    keys = ("image_token_id", "image_token_index", "audio_token_id")
-    return frozenset(config[k] for k in keys if k in config)

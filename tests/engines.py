@@ -9,6 +9,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.request
 from contextlib import contextmanager
@@ -65,22 +66,24 @@ class EngineFailed(RuntimeError):
 def run_llm(
     model: str, prompts: list[list[int]], max_tokens: int = 8, env: dict | None = None,
     timeout: float = 600, bnb_layers_out: str | None = None,
-    loras: list[str | None] | None = None, **llm_kwargs,
+    loras: list[str | None] | None = None, multiprocess: bool = False, **llm_kwargs,
 ) -> list[dict]:
     """Prompt logprobs, top-10 first-token logprobs and greedy tokens from `vllm.LLM`;
     with `bnb_layers_out`, every BnB layer's packed weight and quant state as the running
     engine holds them is saved there too (tests/run_llm.py bnb_layer_contents);
-    `loras`: per prompt, a LoRA adapter directory or None (needs enable_lora=True)."""
+    `loras`: per prompt, a LoRA adapter directory or None (needs enable_lora=True).
+    A single-worker engine runs in one process unless `multiprocess` (vLLM's default:
+    engine core and worker in processes of their own)."""
     return run_llm_report(
         model, prompts, max_tokens, env, timeout, bnb_layers_out=bnb_layers_out, loras=loras,
-        **llm_kwargs,
+        multiprocess=multiprocess, **llm_kwargs,
     )["results"]
 
 
 def run_llm_report(
     model: str, prompts: list[list[int]], max_tokens: int = 8, env: dict | None = None,
     timeout: float = 600, expert_memory: bool = False, bnb_layers_out: str | None = None,
-    loras: list[str | None] | None = None, **llm_kwargs,
+    loras: list[str | None] | None = None, multiprocess: bool = False, **llm_kwargs,
 ) -> dict:
     """`run_llm`'s results under "results", and with `expert_memory` the bytes each
     worker's MoE experts hold under "expert_memory" (see run_llm.py)."""
@@ -92,6 +95,7 @@ def run_llm_report(
         "bnb_layers_out": bnb_layers_out,
         "expert_memory": expert_memory,
         "loras": loras,
+        "multiprocess": multiprocess,
     }
     return _run_llm_spec(spec, env, timeout)
 
@@ -114,26 +118,56 @@ def run_llm_chat(
 
 def _run_llm_spec(spec: dict, env: dict | None, timeout: float) -> dict:
     model = spec["model"]
+    env = dict(env or {})
     if spec.get("bnb_layers_out"):
         # The workers unpickle a function of tests/run_llm.py.
         path = os.pathsep.join(p for p in (str(HERE), os.environ.get("PYTHONPATH")) if p)
-        env = {**(env or {}), "VLLM_ALLOW_INSECURE_SERIALIZATION": "1", "PYTHONPATH": path}
+        env.update({"VLLM_ALLOW_INSECURE_SERIALIZATION": "1", "PYTHONPATH": path})
+    in_process = not spec.pop("multiprocess", False) and _world_size(spec["llm_kwargs"]) == 1
+    if in_process:
+        # One process instead of three (front end, engine core, worker): each of the
+        # other two re-imports vLLM, ~12 s apiece. Same model code and kernels; the
+        # multi-process path is what the servers, TP/PP and AMX tests run.
+        env.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     proc = subprocess.Popen(
         [sys.executable, str(HERE / "run_llm.py"), json.dumps(spec)],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        env=engine_env(**(env or {})), start_new_session=True,
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        env=engine_env(**env), start_new_session=True,
     )
+    timer = threading.Timer(timeout, _kill_group, (proc,))
+    timer.start()
+    output, report = [], None
     try:
-        stdout, stderr = proc.communicate(timeout=timeout)
+        for line in proc.stdout:
+            if line.startswith('{"results"'):
+                report = json.loads(line)
+                break
+            output.append(line)
     finally:
-        _stop(proc)  # the engine's own child processes go with the group
-    lines = [line for line in stdout.splitlines() if line.startswith('{"results"')]
-    if proc.returncode != 0 or not lines:
+        timer.cancel()
+        if in_process:
+            # The answer is in and nothing of the shutdown is under test: vLLM's own
+            # takes 5-10 s. (Engines with worker processes stop gracefully, so their
+            # shared-memory queues are cleaned up.)
+            _kill_group(proc)
+        _stop(proc)
+    if report is None:
+        text = "".join(output)
         raise EngineFailed(
-            f"vllm.LLM on {model} failed (exit {proc.returncode}):\n{stderr[-6000:]}",
-            stdout + stderr,
+            f"vllm.LLM on {model} failed (exit {proc.returncode}):\n{text[-6000:]}", text,
         )
-    return json.loads(lines[-1])
+    return report
+
+
+def _world_size(llm_kwargs: dict) -> int:
+    return llm_kwargs.get("tensor_parallel_size", 1) * llm_kwargs.get("pipeline_parallel_size", 1)
+
+
+def _kill_group(proc: subprocess.Popen) -> None:
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
 
 
 def free_port() -> int:

@@ -53,3 +53,45 @@ def distance_to(ours: dict[int, float], reference: dict[int, float], k: int = 5)
     floor = min(ours.values())
     top = sorted(reference.items(), key=lambda kv: -kv[1])[:k]
     return sum(abs(ours.get(t, floor) - lp) for t, lp in top) / len(top)
+
+
+def placeholder_ids(ckpt) -> frozenset[int]:
+    """Multimodal placeholder token ids of a checkpoint (whatever its config calls them)."""
+    config = json.loads((ckpt / "config.json").read_text())
+    keys = ("image_token_id", "image_token_index", "audio_token_id")
+    return frozenset(config[k] for k in keys if k in config)
+
+
+def conversations(ref: dict) -> list[list[dict]]:
+    return [case["messages"] for case in ref["cases"]]
+
+
+def check_all_cases(
+    got: list[dict], expected: dict, ckpt: Path, ref: dict, tol: float, soft_tol: float,
+    first_id: int = 0,
+) -> None:
+    soft = placeholder_ids(ckpt)
+    for case, result in zip(ref["cases"], got, strict=True):
+        hf = expected[case["name"]]
+        label = f"{ref['variant']}/{case['name']}"
+        prompt = hf["prompt_token_ids"][first_id:]
+        assert result["prompt_token_ids"] == prompt, f"{label}: vLLM built another prompt"
+        assert_matches(result, hf, tol, label, soft_token_ids=soft, soft_tol=soft_tol)
+
+
+def check_red_and_blue(got: list[dict], expected: dict, ref: dict, tol: float) -> None:
+    """Each colour's first-token distribution is near its own reference and far from the
+    other colour's (image features that do not reach the LM make both answer alike)."""
+    names = [case["name"] for case in ref["cases"]]
+    ours = {c: first_token_distribution(got[names.index(f"image-{c}")]) for c in ("red", "blue")}
+    hf = {
+        c: {int(t): lp for t, lp in expected[f"image-{c}"]["next_top_logprobs"]}
+        for c in ("red", "blue")
+    }
+    assert distance_to(hf["red"], hf["blue"]) > 0.5, f"{ref['variant']}: reference colours alike"
+    for colour, other in (("red", "blue"), ("blue", "red")):
+        own, cross = distance_to(ours[colour], hf[colour]), distance_to(ours[colour], hf[other])
+        assert own <= tol, f"{ref['variant']}: {colour} is {own:.3f} from its HF reference"
+        assert cross > 2 * own and cross > 0.5, (
+            f"{ref['variant']}: {colour} is as close to HF {other} ({cross:.3f}) as to its own"
+        )

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import traceback
 
 
 def bnb_layer_contents(model) -> dict:
@@ -103,4 +104,12 @@ def _lora_requests(paths: list[str | None] | None):
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except BaseException:
+        # Exit now: a failed in-process engine otherwise lingers ~20 s in interpreter
+        # teardown before the exit code reaches the test.
+        traceback.print_exc()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(1)

@@ -55,13 +55,14 @@ def test_request_amx_tile_state_grants_the_permission():
 
 
 def test_bf16_engine_on_an_all_4bit_checkpoint_answers_like_hf(tiny):
-    """On an AMX machine this engine died with `Illegal instruction` before the fix."""
+    """On an AMX machine this engine died with `Illegal instruction` before the fix.
+    vLLM's default processes (the model runs in a worker process of its own), as users run it."""
     ckpt = tiny["llama-nf4-dq"]
     ref = load_reference(ckpt)
     expected = ref["references"]["bfloat16"]
     got = run_llm(
         str(ckpt), [expected[c["name"]]["prompt_token_ids"] for c in ref["cases"]],
-        load_format="bitsandbytes", dtype="bfloat16",
+        load_format="bitsandbytes", dtype="bfloat16", multiprocess=True,
     )
     for case, result in zip(ref["cases"], got, strict=True):
         assert_matches(result, expected[case["name"]], TOL_BF16, f"bf16/{case['name']}")

@@ -17,9 +17,9 @@ import pytest
 import torch
 from openai import OpenAI
 
-from chat_requests import ask, placeholder_ids
+from chat_requests import ask
 from engines import openai_server, run_llm_chat
-from parity import assert_matches, distance_to, first_token_distribution, load_reference
+from parity import check_all_cases, check_red_and_blue, conversations, load_reference
 
 # float32 engines against HF float32: bitsandbytes' CPU 4-bit kernel rounds activations to
 # bf16 internally on both sides, in different summation orders (as in test_llama_parity).
@@ -68,41 +68,6 @@ def _tolerances(ref: dict) -> tuple[float, float]:
     return TOL_4BIT, SOFT_TOL_4BIT
 
 
-def _conversations(ref: dict) -> list[list[dict]]:
-    return [case["messages"] for case in ref["cases"]]
-
-
-def _check_all_cases(
-    got: list[dict], expected: dict, ckpt: Path, ref: dict, tol: float, soft_tol: float,
-    first_id: int = 0,
-) -> None:
-    soft = placeholder_ids(ckpt)
-    for case, result in zip(ref["cases"], got, strict=True):
-        hf = expected[case["name"]]
-        label = f"{ref['variant']}/{case['name']}"
-        prompt = hf["prompt_token_ids"][first_id:]
-        assert result["prompt_token_ids"] == prompt, f"{label}: vLLM built another prompt"
-        assert_matches(result, hf, tol, label, soft_token_ids=soft, soft_tol=soft_tol)
-
-
-def _check_red_and_blue(got: list[dict], expected: dict, ref: dict, tol: float) -> None:
-    """Each colour's first-token distribution is near its own reference and far from the
-    other colour's (image features that do not reach the LM make both answer alike)."""
-    names = [case["name"] for case in ref["cases"]]
-    ours = {c: first_token_distribution(got[names.index(f"image-{c}")]) for c in ("red", "blue")}
-    hf = {
-        c: {int(t): lp for t, lp in expected[f"image-{c}"]["next_top_logprobs"]}
-        for c in ("red", "blue")
-    }
-    assert distance_to(hf["red"], hf["blue"]) > 0.5, f"{ref['variant']}: reference colours alike"
-    for colour, other in (("red", "blue"), ("blue", "red")):
-        own, cross = distance_to(ours[colour], hf[colour]), distance_to(ours[colour], hf[other])
-        assert own <= tol, f"{ref['variant']}: {colour} is {own:.3f} from its HF reference"
-        assert cross > 2 * own and cross > 0.5, (
-            f"{ref['variant']}: {colour} is as close to HF {other} ({cross:.3f}) as to its own"
-        )
-
-
 # ------------------------------------------------------------------ pre-quantized, vllm.LLM
 
 
@@ -111,7 +76,7 @@ def _prequantized_run(ckpt: Path) -> list[dict]:
     # Cached per process: pytest may set a parametrized module fixture up again when
     # tests of other parameters run in between (seen under xdist); the engine runs once.
     return run_llm_chat(
-        str(ckpt), _conversations(load_reference(ckpt)), load_format="bitsandbytes",
+        str(ckpt), conversations(load_reference(ckpt)), load_format="bitsandbytes",
         dtype="float32", limit_mm_per_prompt={"image": 1},
     )
 
@@ -124,12 +89,12 @@ def llm_run(request, tiny):
 
 def test_prequantized_family_matches_hf(llm_run):
     ckpt, ref, got = llm_run
-    _check_all_cases(got, ref["references"]["float32"], ckpt, ref, *_tolerances(ref))
+    check_all_cases(got, ref["references"]["float32"], ckpt, ref, *_tolerances(ref))
 
 
 def test_prequantized_family_tells_red_from_blue(llm_run):
     ckpt, ref, got = llm_run
-    _check_red_and_blue(got, ref["references"]["float32"], ref, _tolerances(ref)[0])
+    check_red_and_blue(got, ref["references"]["float32"], ref, _tolerances(ref)[0])
 
 
 # ------------------------------------------------------------------ in flight, vllm.LLM
@@ -169,7 +134,7 @@ def _hf_in_flight_references(ckpt: Path, ref: dict) -> dict:
 def _in_flight_run(ckpt: Path) -> tuple[list[dict], dict]:
     ref = load_reference(ckpt)
     got = run_llm_chat(
-        str(ckpt), _conversations(ref), quantization="bitsandbytes",
+        str(ckpt), conversations(ref), quantization="bitsandbytes",
         load_format="bitsandbytes", dtype="float32", limit_mm_per_prompt={"image": 1},
     )
     return got, _hf_in_flight_references(ckpt, ref)
@@ -183,7 +148,7 @@ def in_flight_run(request, tiny):
 
 def test_in_flight_family_matches_hf_in_flight(in_flight_run):
     ckpt, ref, got, expected = in_flight_run
-    _check_all_cases(got, expected, ckpt, ref, TOL_4BIT, SOFT_TOL_4BIT)
+    check_all_cases(got, expected, ckpt, ref, TOL_4BIT, SOFT_TOL_4BIT)
     # and it really was quantized: the unquantized model's logprobs differ
     plain = ref["references"]["float32"]
     gaps = [
@@ -196,7 +161,7 @@ def test_in_flight_family_matches_hf_in_flight(in_flight_run):
 
 def test_in_flight_family_tells_red_from_blue(in_flight_run):
     ckpt, ref, got, expected = in_flight_run
-    _check_red_and_blue(got, expected, ref, TOL_4BIT)
+    check_red_and_blue(got, expected, ref, TOL_4BIT)
 
 
 # ------------------------------------------------------------------ OpenAI server
@@ -215,8 +180,8 @@ def test_served_family_matches_hf(served):
     got = [ask(client, ckpt, case["messages"]) for case in ref["cases"]]
     expected = ref["references"]["bfloat16"]
     # The API's prompt logprobs, and so the token ids read from them, start at the second.
-    _check_all_cases(got, expected, ckpt, ref, TOL_BF16, SOFT_TOL_BF16, first_id=1)
-    _check_red_and_blue(got, expected, ref, TOL_BF16)
+    check_all_cases(got, expected, ckpt, ref, TOL_BF16, SOFT_TOL_BF16, first_id=1)
+    check_red_and_blue(got, expected, ref, TOL_BF16)
 
 
 # ------------------------------------------------------------------ tensor parallel
@@ -229,10 +194,10 @@ def test_tensor_parallel_2_multimodal_matches_hf(tiny):
     ckpt = tiny["llava-wide-nf4-dq"]
     ref = load_reference(ckpt)
     got = run_llm_chat(
-        str(ckpt), _conversations(ref), env={"VLLM_CPU_OMP_THREADS_BIND": "0|1"},
+        str(ckpt), conversations(ref), env={"VLLM_CPU_OMP_THREADS_BIND": "0|1"},
         load_format="bitsandbytes", dtype="float32", tensor_parallel_size=2,
         limit_mm_per_prompt={"image": 1},
     )
     expected = ref["references"]["float32"]
-    _check_all_cases(got, expected, ckpt, ref, TOL_4BIT, SOFT_TOL_4BIT)
-    _check_red_and_blue(got, expected, ref, TOL_4BIT)
+    check_all_cases(got, expected, ckpt, ref, TOL_4BIT, SOFT_TOL_4BIT)
+    check_red_and_blue(got, expected, ref, TOL_4BIT)

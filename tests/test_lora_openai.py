@@ -20,12 +20,12 @@ from dataclasses import dataclass
 
 import pytest
 from openai import OpenAI
-from test_gemma4_openai import ask
 from test_lora import LORA_ENGINE, MIN_ADAPTER_EFFECT, max_deviation
 
 import tiny_lora
+from chat_requests import ask
 from engines import openai_server
-from parity import assert_matches, load_reference
+from parity import assert_matches, load_reference, placeholder_ids
 
 # Served in float32 against HF PEFT in float32: HF's own bf16 and float32 runs with these
 # adapters differ by up to 0.3 (0.12 without an adapter), a bf16 tolerance that would
@@ -94,11 +94,6 @@ def post(base_url: str, path: str, body: dict) -> tuple[int, str]:
 def load_adapter(served: Served, name: str, path) -> tuple[int, str]:
     return post(served.base_url, "/v1/load_lora_adapter",
                 {"lora_name": name, "lora_path": str(path)})
-
-
-def placeholder_ids(ckpt) -> frozenset[int]:
-    config = json.loads((ckpt / "config.json").read_text())
-    return frozenset(config[k] for k in ("image_token_id", "audio_token_id") if k in config)
 
 
 def check_cases(served: Served, model: str, expected: dict, cases: list, label: str) -> dict:

@@ -16,9 +16,15 @@ from __future__ import annotations
 import pytest
 from openai import OpenAI
 
-from chat_requests import ask, placeholder_ids
+from chat_requests import ask
 from engines import openai_server
-from parity import assert_matches, distance_to, first_token_distribution, load_reference
+from parity import (
+    assert_matches,
+    distance_to,
+    first_token_distribution,
+    load_reference,
+    placeholder_ids,
+)
 
 VARIANT = "gemma4-moe-nf4"
 # As for the dense families in float32 (test_families.py): text prompts match exactly;
