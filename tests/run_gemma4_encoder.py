@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import sys
 
 
@@ -56,8 +57,9 @@ def main() -> None:
         pixel_values=pixels["pixel_values"], position_ids=pixels["image_position_ids"],
     )
     [result] = llm.apply_model(run)
-    print(json.dumps({"encoder": result}))
+    print(json.dumps({"encoder": result}), flush=True)
 
 
 if __name__ == "__main__":
     main()
+    os._exit(0)  # the answer is out; vLLM's shutdown adds seconds and nothing under test

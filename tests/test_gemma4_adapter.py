@@ -18,7 +18,11 @@ def test_encoder_graph_path_keeps_vision_features_in_compute_dtype(tiny):
     proc = subprocess.run(
         [sys.executable, str(HERE / "run_gemma4_encoder.py"), str(tiny["gemma4-nf4-dq"])],
         capture_output=True, text=True, timeout=900,
-        env=engine_env(VLLM_ALLOW_INSECURE_SERIALIZATION="1", PYTHONPATH=str(HERE)),
+        # One process: the model runs beside this script (see engines._run_llm_spec).
+        env=engine_env(
+            VLLM_ALLOW_INSECURE_SERIALIZATION="1", PYTHONPATH=str(HERE),
+            VLLM_ENABLE_V1_MULTIPROCESSING="0",
+        ),
     )
     lines = [x for x in proc.stdout.splitlines() if x.startswith('{"encoder"')]
     assert lines, proc.stderr[-6000:]

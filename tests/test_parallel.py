@@ -33,9 +33,9 @@ def _check(tiny, variant, tol, **llm_kwargs):
         assert_matches(result, expected[case["name"]], tol, f"{variant}/{case['name']}")
 
 
-VARIANTS = [
-    ("llama-wide-nf4-dq", TOL_4BIT), ("llama-wide-fp4", TOL_4BIT), ("llama-wide-int8", TOL_8BIT)
-]
+# nf4 and fp4 differ only in the code table a byte is looked up in: slicing packed bytes
+# and absmax is the same for both, so fp4 runs once, in the hardest cut (below).
+VARIANTS = [("llama-wide-nf4-dq", TOL_4BIT), ("llama-wide-int8", TOL_8BIT)]
 
 
 @pytest.mark.parametrize("variant,tol", VARIANTS)
@@ -43,14 +43,13 @@ def test_tensor_parallel_2_matches_hf(tiny, variant, tol):
     _check(tiny, variant, tol, tensor_parallel_size=2)
 
 
-@pytest.mark.parametrize("variant", ["llama-tp-cut-nf4-dq", "llama-tp-cut-fp4"])
-def test_tensor_parallel_2_cuts_inside_quant_blocks_match_hf(tiny, variant):
+def test_tensor_parallel_2_cuts_inside_quant_blocks_match_hf(tiny):
     """o_proj and down_proj ranks take 32 and 96 columns of 64-element blocks: each rank
     must still compute with exactly its slice of the weights HF computes with. Measured:
     TP=1 equals HF exactly (0.0) on these checkpoints, TP=2 within 0.033 (the CPU
     kernel's bf16 partial sums, as in the aligned TP=2 tests), while re-quantizing the
     cut slices (the old behaviour) was off by 1.0-1.2."""
-    _check(tiny, variant, TOL_4BIT, tensor_parallel_size=2)
+    _check(tiny, "llama-tp-cut-fp4", TOL_4BIT, tensor_parallel_size=2)
 
 
 @pytest.mark.parametrize("variant,tol", VARIANTS)

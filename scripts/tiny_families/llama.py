@@ -80,12 +80,9 @@ class Llama(Family):
             ("text",), "fp4, packed bytes stored as float32",
         ),
         Variant("llama-wide-nf4-dq", "llama-wide", NF4_DQ, ("text",), "nf4 + dq, TP-sized"),
-        Variant("llama-wide-fp4", "llama-wide", FP4, ("text",), "fp4, TP-sized"),
         Variant("llama-wide-int8", "llama-wide", INT8, ("text",), "LLM.int8, TP-sized"),
         # TP=2 cuts inside 64-element blocks: o_proj (2 heads x 32) and down_proj (192) are
         # cut at columns 32 and 96.
-        Variant("llama-tp-cut-nf4-dq", "llama-tp-cut", NF4_DQ, ("text",),
-                "nf4 + dq, row-parallel TP=2 cuts inside quant blocks"),
         Variant("llama-tp-cut-fp4", "llama-tp-cut", FP4, ("text",),
                 "fp4, row-parallel TP=2 cuts inside quant blocks"),
     ]
