@@ -49,7 +49,7 @@ from tiny_families import FAMILIES
 
 # Bump whenever an adapter recipe or the reference computation changes; the tiny
 # builder's version is part of it because references depend on the base's bytes.
-LORA_VERSION = f"tiny-lora-2026.2/{tiny.BUILDER_VERSION}"
+LORA_VERSION = f"tiny-lora-2026.3/{tiny.BUILDER_VERSION}"
 DEFAULT_OUT = tiny.DEFAULT_OUT / "lora"
 
 ATTENTION_AND_MLP = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -98,6 +98,12 @@ ADAPTERS: dict[str, Adapter] = {
                 description="rank 4 on the language model's q/v/down"),
         Adapter("gemma4-r16", "gemma4-bf16", 16, 32, language_model_targets(ATTENTION_AND_MLP),
                 3007, description="rank 16: above --max-lora-rank 8"),
+        Adapter("qwen2_5_vl-a", "qwen2_5_vl-bf16", 8, 16,
+                language_model_targets(ATTENTION_AND_MLP), 3008,
+                description="rank 8 on the language model's q/k/v/o/gate/up/down"),
+        Adapter("qwen2_5_vl-b", "qwen2_5_vl-bf16", 4, 8,
+                language_model_targets(("q_proj", "v_proj", "down_proj")), 3009,
+                description="rank 4 on the language model's q/v/down"),
     ]
 }
 
@@ -268,13 +274,16 @@ def _compute_reference(adapter_dir: Path, base: str, dtype_name: str) -> dict[st
 
 
 def _saved_model(ckpt: Path, architecture: str, dtype: torch.dtype) -> torch.nn.Module:
-    """The checkpoint as saved, as tiny_reference loads it, without running it: a 4-bit
-    lm_head (or one wrapping a tied plain embedding) becomes the plain head that
-    tiny_reference falls back to (bitsandbytes cannot run it)."""
+    """The checkpoint as saved, as tiny_reference loads it (plain tensors upcast to `dtype`,
+    which transformers leaves bf16 for some families), without running it. A Linear4bit
+    lm_head around a tied plain embedding (no quant state: bitsandbytes asserts in its
+    forward) becomes the plain head tiny_reference falls back to; a really packed 4-bit
+    lm_head stays, as it runs in tiny_reference (dequantizing it moves logprobs by 0.05)."""
     model = getattr(transformers, architecture).from_pretrained(ckpt, dtype=dtype).eval()
     ref._set_bnb_compute_dtype(model, dtype)
+    ref.upcast_plain_tensors(model, dtype)
     head = model.get_output_embeddings()
-    if isinstance(head, bnb.nn.Linear4bit):
+    if isinstance(head, bnb.nn.Linear4bit) and getattr(head.weight, "quant_state", None) is None:
         model.set_output_embeddings(ref._plain_lm_head(head, dtype)[0])
     return model
 

@@ -1,13 +1,13 @@
 """QLoRA adapters on multimodal BnB bases, through the real OpenAI-compatible server.
 
-One server per family: `--enable-lora --lora-modules NAME=PATH` gives one adapter at
-start-up; a second is loaded at run time with `POST /v1/load_lora_adapter`
+One server per family (Gemma 4, Qwen2.5-VL): `--enable-lora --lora-modules NAME=PATH`
+gives one adapter at start-up; a second is loaded at run time with `POST /v1/load_lora_adapter`
 (VLLM_ALLOW_RUNTIME_LORA_UPDATING=1). The adapters are on the language model only;
 text and image+text requests with each adapter must equal HF PEFT on the same quantized
 checkpoint, and the same requests without an adapter the checkpoint's own reference.
 Adapters that do not fit are refused with a clear error while the server keeps serving.
 
-A second multimodal family is one `FAMILIES` entry (its checkpoint and two adapters in
+Another family is one `FAMILIES` entry (its checkpoint and two adapters in
 scripts/tiny_lora.py, made with `language_model_targets`).
 """
 
@@ -46,7 +46,11 @@ class Family:
     runtime: str  # adapter loaded with /v1/load_lora_adapter
 
 
-FAMILIES = [Family("gemma4-nf4-dq", "gemma4-a", "gemma4-b")]
+FAMILIES = [
+    Family("gemma4-nf4-dq", "gemma4-a", "gemma4-b"),
+    # ['visual'] matches nothing in transformers 5: vision tower and lm_head 4-bit too.
+    Family("qwen2_5_vl-nf4-dq", "qwen2_5_vl-a", "qwen2_5_vl-b"),
+]
 
 
 @dataclass
