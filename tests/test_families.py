@@ -57,7 +57,7 @@ SERVER_VARIANTS = [
 ]
 # bf16 checkpoints quantized in flight (`--quantization bitsandbytes`, nf4).
 IN_FLIGHT_VARIANTS = [
-    "llava-bf16", "gemma3-bf16", "qwen2_5_vl-bf16", "mistral3-bf16", "qwen3_vl-bf16",
+    "llava-bf16", "gemma3-bf16", "qwen2_5_vl-bf16", "mistral3-bf16", "qwen3_vl-bf16", "gemma4-bf16",
 ]
 
 
@@ -187,11 +187,23 @@ def test_served_family_matches_hf(served):
 # ------------------------------------------------------------------ tensor parallel
 
 
-def test_tensor_parallel_2_multimodal_matches_hf(tiny):
-    """TP=2 on a multimodal checkpoint: the CLIP tower's, projector's and text model's
-    packed weights are cut per rank (column, row, fused qkv/gate_up) and its unbuilt last
-    tower layer is left out on both ranks (test_parallel covers text-only Llama)."""
-    ckpt = tiny["llava-wide-nf4-dq"]
+# TP=2 per family (vLLM's default processes, two workers): the vision tower's, projector's
+# and text model's packed weights are cut per rank (column, row, fused qkv/gate_up, cuts
+# inside 64-element quant blocks where a tiny width is not a multiple of 128), replicated
+# KV heads, and unbuilt tower layers left out on both ranks.
+TP_VARIANTS = [
+    "llava-wide-nf4-dq",  # CLIP tower + projector + Llama, every width split on a block edge
+    "gemma3-nf4-dq",
+    "qwen2_5_vl-nf4-dq",  # tower, merger and lm_head 4-bit
+    "mistral3-skip-unanchored",  # Pixtral tower, merging_layer and lm_head 4-bit
+    "qwen3_vl-nf4-dq",  # tower, deepstack mergers and lm_head 4-bit
+    "gemma4-nf4-dq",  # vision tower, embed_vision, LM and per-layer embeddings 4-bit
+]
+
+
+@pytest.mark.parametrize("variant", TP_VARIANTS)
+def test_tensor_parallel_2_multimodal_matches_hf(tiny, variant):
+    ckpt = tiny[variant]
     ref = load_reference(ckpt)
     got = run_llm_chat(
         str(ckpt), conversations(ref), env={"VLLM_CPU_OMP_THREADS_BIND": "0|1"},
