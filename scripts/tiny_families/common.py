@@ -62,6 +62,18 @@ class Variant:
         return self.bnb["bnb_4bit_quant_type"]
 
 
+
+def check_skip(expected: list[str]) -> LayoutCheck:
+    """A variant check: config.json keeps the skip list the user wrote, as written."""
+
+    def check(header: dict, packed: dict, config: dict) -> None:
+        skip = config["quantization_config"]["llm_int8_skip_modules"]
+        if skip != expected:
+            raise AssertionError(f"skip list {skip}, expected {expected}")
+
+    return check
+
+
 # --------------------------------------------------------------------------------------------
 # Weights
 # --------------------------------------------------------------------------------------------

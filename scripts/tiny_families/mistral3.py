@@ -20,7 +20,18 @@ from transformers import (
     PixtralVisionConfig,
 )
 
-from .common import FP4, INT8, NF4_DQ, VOCAB_SIZE, Base, Family, InitScales, Variant, train_bpe
+from .common import (
+    FP4,
+    INT8,
+    NF4_DQ,
+    VOCAB_SIZE,
+    Base,
+    Family,
+    InitScales,
+    Variant,
+    check_skip,
+    train_bpe,
+)
 
 SPECIALS = ["<unk>", "<s>", "</s>", "[INST]", "[/INST]"]
 IMAGE_TOKENS = {"image_token": "[IMG]", "image_break_token": "[IMG_BREAK]",
@@ -99,15 +110,6 @@ def _check_merging_layer_packed(header: dict, packed: dict, config: dict) -> Non
         raise AssertionError("the patch merger's merging_layer should be stored packed")
 
 
-def _check_skip(expected: list[str]):
-    def check(header: dict, packed: dict, config: dict) -> None:
-        skip = config["quantization_config"]["llm_int8_skip_modules"]
-        if skip != expected:
-            raise AssertionError(f"skip list {skip}, expected {expected}")
-
-    return check
-
-
 TOWER = ("vision_tower", "projector")
 
 
@@ -145,7 +147,7 @@ class Mistral3(Family):
                                                "lm_head"]},
             ("text",),
             "LLM.int8 text; tower and projector really bf16 (anchored skips)",
-            _check_skip(["model.vision_tower", "model.multi_modal_projector", "lm_head"]),
+            check_skip(["model.vision_tower", "model.multi_modal_projector", "lm_head"]),
         ),
     ]
 

@@ -31,6 +31,7 @@ from .common import (
     Family,
     InitScales,
     Variant,
+    check_skip,
     train_byte_level_bpe,
 )
 
@@ -116,16 +117,40 @@ def scales(seed: int) -> InitScales:
     return InitScales(seed=seed, embed_std=1.0, norm_gains=(("model.language_model.norm", 3.0),))
 
 
-def check_skip(expected: list[str]):
-    def check(header: dict, packed: dict, config: dict) -> None:
-        skip = config["quantization_config"]["llm_int8_skip_modules"]
-        if skip != expected:
-            raise AssertionError(f"skip list {skip}, expected {expected}")
-
-    return check
-
-
 TOWER = ("vision_tower", "projector")
+
+
+def skip_list_variants(base: str, mergers: str) -> list[Variant]:
+    """The Qwen-VL checkpoints users make: the skip lists they write, in transformers 5
+    (`visual` names nothing there; `model.visual` does)."""
+    return [
+        Variant(f"{base}-bf16", base, description="unquantized (in-flight source)"),
+        Variant(
+            f"{base}-nf4-dq",
+            base,
+            {**NF4_DQ, "llm_int8_skip_modules": ["visual"]},
+            (*TOWER, "text", "lm_head"),
+            f"unanchored ['visual'] skips nothing and drops the defaults: tower, {mergers} and "
+            "the untied lm_head 4-bit",
+            check_skip(["visual"]),
+        ),
+        Variant(
+            f"{base}-fp4",
+            base,
+            {**FP4, "llm_int8_skip_modules": ["visual", "lm_head"]},
+            (*TOWER, "text"),
+            f"['visual', 'lm_head']: only lm_head matches; tower and {mergers} fp4",
+            check_skip(["visual", "lm_head"]),
+        ),
+        Variant(
+            f"{base}-int8",
+            base,
+            {**INT8, "llm_int8_skip_modules": ["model.visual", "lm_head"]},
+            ("text",),
+            f"['model.visual', 'lm_head']: tower and {mergers} really bf16, text LLM.int8",
+            check_skip(["model.visual", "lm_head"]),
+        ),
+    ]
 
 
 class Qwen2_5_VL(Family):
@@ -135,34 +160,7 @@ class Qwen2_5_VL(Family):
         ("model.visual.", "vision_tower"),
     )
     bases = {"qwen2_5_vl": Base("qwen2_5_vl", scales(5001))}
-    variants = [
-        Variant("qwen2_5_vl-bf16", "qwen2_5_vl", description="unquantized (in-flight source)"),
-        Variant(
-            "qwen2_5_vl-nf4-dq",
-            "qwen2_5_vl",
-            {**NF4_DQ, "llm_int8_skip_modules": ["visual"]},
-            (*TOWER, "text", "lm_head"),
-            "unanchored ['visual'] skips nothing and drops the defaults: tower, merger and "
-            "the untied lm_head 4-bit",
-            check_skip(["visual"]),
-        ),
-        Variant(
-            "qwen2_5_vl-fp4",
-            "qwen2_5_vl",
-            {**FP4, "llm_int8_skip_modules": ["visual", "lm_head"]},
-            (*TOWER, "text"),
-            "['visual', 'lm_head']: only lm_head matches; tower and merger fp4",
-            check_skip(["visual", "lm_head"]),
-        ),
-        Variant(
-            "qwen2_5_vl-int8",
-            "qwen2_5_vl",
-            {**INT8, "llm_int8_skip_modules": ["model.visual", "lm_head"]},
-            ("text",),
-            "['model.visual', 'lm_head']: tower and merger really bf16, text LLM.int8",
-            check_skip(["model.visual", "lm_head"]),
-        ),
-    ]
+    variants = skip_list_variants("qwen2_5_vl", "merger")
 
     def new_model(self, base: Base) -> tuple[nn.Module, Any, list[int]]:
         tok = tokenizer()

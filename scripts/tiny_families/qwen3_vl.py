@@ -13,8 +13,8 @@ from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration, Qwen3VL
 from transformers.models.qwen2_vl.image_processing_qwen2_vl import Qwen2VLImageProcessor
 from transformers.models.qwen3_vl.video_processing_qwen3_vl import Qwen3VLVideoProcessor
 
-from .common import FP4, INT8, NF4_DQ, VOCAB_SIZE, Base, Family, InitScales, Variant
-from .qwen2_5_vl import ENDOFTEXT, NAMED_TOKENS, check_skip, tokenizer
+from .common import VOCAB_SIZE, Base, Family
+from .qwen2_5_vl import ENDOFTEXT, NAMED_TOKENS, scales, skip_list_variants, tokenizer
 
 PATCH_SIZE = 16
 # 64x48 -> 160x96 pixels (multiples of 32) -> 10x6 patches -> 15 merged image tokens.
@@ -64,13 +64,6 @@ def config(tok: Any) -> Qwen3VLConfig:
     )
 
 
-def scales(seed: int) -> InitScales:
-    return InitScales(seed=seed, embed_std=1.0, norm_gains=(("model.language_model.norm", 3.0),))
-
-
-TOWER = ("vision_tower", "projector")
-
-
 class Qwen3VL(Family):
     name = "qwen3_vl"
     group_prefixes = (
@@ -79,34 +72,7 @@ class Qwen3VL(Family):
         ("model.visual.", "vision_tower"),
     )
     bases = {"qwen3_vl": Base("qwen3_vl", scales(7001))}
-    variants = [
-        Variant("qwen3_vl-bf16", "qwen3_vl", description="unquantized (in-flight source)"),
-        Variant(
-            "qwen3_vl-nf4-dq",
-            "qwen3_vl",
-            {**NF4_DQ, "llm_int8_skip_modules": ["visual"]},
-            (*TOWER, "text", "lm_head"),
-            "unanchored ['visual'] skips nothing and drops the defaults: tower, mergers and "
-            "the untied lm_head 4-bit",
-            check_skip(["visual"]),
-        ),
-        Variant(
-            "qwen3_vl-fp4",
-            "qwen3_vl",
-            {**FP4, "llm_int8_skip_modules": ["visual", "lm_head"]},
-            (*TOWER, "text"),
-            "['visual', 'lm_head']: only lm_head matches; tower and mergers fp4",
-            check_skip(["visual", "lm_head"]),
-        ),
-        Variant(
-            "qwen3_vl-int8",
-            "qwen3_vl",
-            {**INT8, "llm_int8_skip_modules": ["model.visual", "lm_head"]},
-            ("text",),
-            "['model.visual', 'lm_head']: tower and mergers really bf16, text LLM.int8",
-            check_skip(["model.visual", "lm_head"]),
-        ),
-    ]
+    variants = skip_list_variants("qwen3_vl", "mergers")
 
     def new_model(self, base: Base) -> tuple[nn.Module, Any, list[int]]:
         tok = tokenizer()
