@@ -172,7 +172,7 @@ def test_merged_shards_equal_their_parts():
 
 @pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
 @pytest.mark.parametrize("shape", [(64, 128), (96, 256), (256, 1024)])
-@pytest.mark.parametrize("routine", ["c", "tensor-ops"])
+@pytest.mark.parametrize("routine", ["c", "c-in-place", "tensor-ops"])
 def test_cpu_kernel_repack_is_byte_identical_to_bitsandbytes(
     monkeypatch, quant_type, shape, routine
 ):
@@ -180,7 +180,7 @@ def test_cpu_kernel_repack_is_byte_identical_to_bitsandbytes(
 
     from vllm_bnb_mm import cpu
 
-    if routine == "c" and cpu.kernels() is None:
+    if routine.startswith("c") and cpu.kernels() is None:
         pytest.skip("cpu_kernels.c is not built on this CPU")
     if routine == "tensor-ops":
         monkeypatch.setattr(cpu, "kernels", lambda: None)
@@ -188,8 +188,11 @@ def test_cpu_kernel_repack_is_byte_identical_to_bitsandbytes(
     expected, expected_state = bnbf._convert_weight_packed_for_cpu(
         packed.clone(), copy.deepcopy(state)
     )
-    got, got_state = qs.repack_for_cpu_kernel(packed, state)
+    in_place = routine == "c-in-place"
+    got, got_state = qs.repack_for_cpu_kernel(packed, state, in_place=in_place)
     assert torch.equal(got, expected)
+    # In place: the result is the given bytes, permuted (no second buffer).
+    assert (got.data_ptr() == packed.data_ptr()) == in_place
     assert torch.equal(got_state.absmax, expected_state.absmax)
     assert got_state.packing_format_for_cpu and got_state.dtype == expected_state.dtype
 

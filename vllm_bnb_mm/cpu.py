@@ -99,6 +99,8 @@ def kernels() -> ctypes.CDLL | None:
     lib = ctypes.CDLL(str(library))
     lib.repack.argtypes = [_P, _P, _I, _I]
     lib.repack.restype = None
+    lib.repack_inplace.argtypes = [_P, _P, _I, _I]
+    lib.repack_inplace.restype = None
     lib.dequantize_t.argtypes = [_P, _P, _P, _P, _I, _I, _I, _I, _I]
     lib.dequantize_t.restype = None
     return lib
@@ -120,6 +122,16 @@ def repack(plain: torch.Tensor, n: int, k: int) -> torch.Tensor:
     out = torch.empty(n, k // 2, dtype=torch.uint8)
     kernels().repack(plain.data_ptr(), out.data_ptr(), n, k)
     return out
+
+
+def repack_inplace(buf: torch.Tensor, n: int, k: int) -> torch.Tensor:
+    """`repack` over the bytes of `buf` itself (contiguous uint8, n * k / 2 of them): no
+    second weight-sized buffer. Returns `buf` viewed as [n, k/2]."""
+    if not buf.is_contiguous() or buf.dtype != torch.uint8 or buf.numel() != n * k // 2:
+        raise ValueError(f"repack_inplace needs {n * k // 2} contiguous bytes, got {buf.shape}")
+    tmp = torch.empty(32 * (k // 2), dtype=torch.uint8)
+    kernels().repack_inplace(buf.data_ptr(), tmp.data_ptr(), n, k)
+    return buf.view(n, k // 2)
 
 
 def dequantize_t(

@@ -14,6 +14,7 @@
  */
 #include <immintrin.h>
 #include <stdint.h>
+#include <string.h>
 
 /* plain [N, K/2] bytes -> kernel [N/32][K/2][32] bytes (distinct buffers). */
 void repack(const uint8_t *plain, uint8_t *kernel, int64_t n, int64_t k) {
@@ -28,6 +29,17 @@ void repack(const uint8_t *plain, uint8_t *kernel, int64_t n, int64_t k) {
                 tile[2 * j + 1] = (uint8_t)((b << 4) | (a & 0x0F));
             }
         }
+    }
+}
+
+/* The same permutation in place: block nb of the kernel layout occupies exactly the bytes
+ * of plain rows [32 nb, 32 nb + 32), so each block is copied to `tmp` (32 * k / 2 bytes)
+ * and permuted back. No second weight-sized buffer, no fresh pages to fault in. */
+void repack_inplace(uint8_t *buf, uint8_t *tmp, int64_t n, int64_t k) {
+    const int64_t block = 32 * (k / 2);
+    for (int64_t nb = 0; nb < n / 32; ++nb) {
+        memcpy(tmp, buf + nb * block, (size_t)block);
+        repack(tmp, buf + nb * block, 32, k);
     }
 }
 

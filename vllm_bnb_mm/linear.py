@@ -310,7 +310,7 @@ def _finalize_4bit(layer, regions: list[Region]) -> None:
         merged = qs.merge_4bit(states, layer.bnb_compute_dtype)
         merged.to(device)
         if _use_cpu_packed_kernel(layer, merged):
-            data, merged = qs.repack_for_cpu_kernel(layer.weight.data, merged)
+            data, merged = qs.repack_for_cpu_kernel(layer.weight.data, merged, in_place=True)
             layer.weight.data = data
         layer.bnb_parts = [(0, layer.weight.numel(), merged)]
         return

@@ -38,6 +38,7 @@ from vllm.model_executor.layers.fused_moe.config import FusedMoEConfig, FusedMoE
 from vllm.model_executor.layers.fused_moe.fused_moe_method_base import FusedMoEMethodBase
 from vllm.platforms import current_platform
 
+from . import cpu
 from . import quant_state as qs
 from .config import BnbConfig
 from .cpu import request_amx_tile_state
@@ -399,13 +400,18 @@ def _use_cpu_kernel(device, matrix, blocksize: int, act_dtype: torch.dtype) -> b
 
 
 def _repack_experts(packed: torch.Tensor, absmax: torch.Tensor, template: QuantState):
+    """Every expert's bytes in the CPU kernel layout: in the layer's own (contiguous)
+    parameter where our C routine builds, so no second copy of all experts exists."""
+    n, k = template.shape
+    in_place = packed.is_contiguous() and cpu.kernels() is not None
     datas, scales = [], []
     for e in range(packed.shape[0]):
         state = _with_absmax(template, absmax[e])
-        data, cpu_state = qs.repack_for_cpu_kernel(packed[e], state)
+        data, cpu_state = qs.repack_for_cpu_kernel(packed[e], state, in_place=in_place)
         datas.append(data)
         scales.append(cpu_state.absmax)
-    return torch.stack(datas), torch.stack(scales)
+    data = packed.view(packed.shape[0], n, k // 2) if in_place else torch.stack(datas)
+    return data, torch.stack(scales)
 
 
 def _with_absmax(template: QuantState, absmax: torch.Tensor | None) -> QuantState:

@@ -494,15 +494,18 @@ def merge_4bit(states: list[QuantState], dtype: torch.dtype) -> QuantState:
 
 
 def repack_for_cpu_kernel(
-    packed: torch.Tensor, state: QuantState, block_n: int = 32
+    packed: torch.Tensor, state: QuantState, block_n: int = 32, in_place: bool = False
 ) -> tuple[torch.Tensor, QuantState]:
     """The weight layout of bitsandbytes' AVX512-BF16 4-bit kernel, byte for byte what
     `bitsandbytes.functional._convert_weight_packed_for_cpu` produces (which unpacks every
     nibble to int32 first: 4x the memory traffic, the largest cost of loading). One pass of
     our C routine where it builds, else uint8 tensor ops. `state` must have flat float32
-    absmax."""
+    absmax. `in_place`: the caller gives up `packed` (contiguous), which then holds the
+    result: no second weight-sized buffer at load (where the C routine builds)."""
     n, k = state.shape
-    if cpu.kernels() is not None:
+    if cpu.kernels() is not None and in_place and packed.is_contiguous():
+        out = cpu.repack_inplace(packed.reshape(-1), n, k)
+    elif cpu.kernels() is not None:
         out = cpu.repack(packed.reshape(-1), n, k)
     else:
         out = _repack_with_torch(packed, n, k, block_n)
