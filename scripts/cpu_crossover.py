@@ -13,6 +13,7 @@ thread), the minimum over repetitions of thread CPU time (robust to other jobs o
 shared box; min of wall time is printed beside it):
 
 - fused: `bitsandbytes.matmul_4bit` on the repacked weight (its AVX512-BF16 kernel);
+- amx: vllm_bnb_mm's AMX kernel (decode into AMX tiles once per call), where AMX is usable;
 - gemm: vllm_bnb_mm's dequantize-into-scratch + `torch.matmul` (oneDNN);
 - bf16: vLLM's own bf16 linear (oneDNN matmul on a prepacked bf16 weight), for reference.
 """
@@ -30,7 +31,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 SHAPES = [(6144, 1536), (1536, 6144), (2048, 1536), (4096, 4096)]
-TOKENS = [1, 2, 4, 8, 12, 16, 20, 24, 32, 48, 64, 128, 256, 512]
+TOKENS = [1, 2, 4, 8, 12, 16, 20, 24, 32, 48, 64, 96, 128, 192, 256, 512]
 ISAS = {"amx": None, "avx512_core_bf16": "AVX512_CORE_BF16"}
 
 
@@ -50,7 +51,7 @@ def child(reps: int) -> dict:
     import torch
 
     sys.path.insert(0, str(REPO))
-    from vllm_bnb_mm import cpu, linear
+    from vllm_bnb_mm import cpu
     from vllm_bnb_mm import quant_state as qs
 
     torch.set_num_threads(1)
@@ -76,11 +77,14 @@ def child(reps: int) -> dict:
         for m in TOKENS:
             x = torch.randn(m, k, dtype=torch.bfloat16)
             fused = _time(reps, bnb.matmul_4bit, x, kernel, quant_state=kstate)
-            gemm = _time(reps, linear._dequantize_and_gemm, x, kernel, kstate)
+            gemm = _time(reps, cpu.dequantize_and_gemm, x, kernel, kstate)
+            amx = (_time(reps, cpu.gemm_4bit_amx, x, kernel, kstate.absmax, kstate.code, n, k,
+                         kstate.blocksize) if cpu.amx_usable() else None)
             bf16 = _time(reps, dense, x)
-            rows.append({"n": n, "k": k, "m": m, "fused_ms": fused, "gemm_ms": gemm,
-                         "bf16_ms": bf16})
-            print(f"  {n}x{k} M={m:4d}  fused {fused[0]:7.2f}  gemm {gemm[0]:7.2f}  "
+            rows.append({"n": n, "k": k, "m": m, "fused_ms": fused, "amx_ms": amx,
+                         "gemm_ms": gemm, "bf16_ms": bf16})
+            amx_text = f"amx {amx[0]:7.2f}  " if amx else ""
+            print(f"  {n}x{k} M={m:4d}  fused {fused[0]:7.2f}  {amx_text}gemm {gemm[0]:7.2f}  "
                   f"bf16 {bf16[0]:7.2f} ms (cpu; wall {fused[1]:.2f} {gemm[1]:.2f} "
                   f"{bf16[1]:.2f})", file=sys.stderr, flush=True)
     return {"rows": rows, "load": os.getloadavg()}
@@ -92,18 +96,26 @@ def matmul_isa(verbose_log: str) -> str:
     return " ".join(found) or "none logged"
 
 
-def crossover(rows: list[dict]) -> dict[str, int | None]:
-    """Per shape, the smallest M from which the GEMM path is at least as fast as the
-    fused kernel at that M and at every larger M measured."""
+def _switch(mine: list[dict], slow: str, fast: str) -> int | None:
+    """The smallest M from which path `fast` is at least as fast as `slow` at that M and
+    at every larger M measured."""
+    best = None
+    for r in reversed(mine):
+        if r[f"{fast}_ms"][0] > r[f"{slow}_ms"][0]:
+            break
+        best = r["m"]
+    return best
+
+
+def crossover(rows: list[dict]) -> dict[str, dict[str, int | None]]:
+    """Per shape, where each path starts to beat the one before it."""
     out = {}
     for n, k in SHAPES:
         mine = sorted((r for r in rows if (r["n"], r["k"]) == (n, k)), key=lambda r: r["m"])
-        best = None
-        for r in reversed(mine):
-            if r["gemm_ms"][0] > r["fused_ms"][0]:
-                break
-            best = r["m"]
-        out[f"{n}x{k}"] = best
+        pairs = [("fused", "gemm")]
+        if mine[0]["amx_ms"] is not None:
+            pairs += [("fused", "amx"), ("amx", "gemm")]
+        out[f"{n}x{k}"] = {f"{a}->{b}": _switch(mine, a, b) for a, b in pairs}
     return out
 
 

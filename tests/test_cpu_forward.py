@@ -1,10 +1,13 @@
-"""The CPU 4-bit forward's two paths: bitsandbytes' fused kernel for few tokens, and
-dequantize + bf16 GEMM for many (vllm_bnb_mm/cpu.py, cpu_kernels.c).
+"""The CPU 4-bit forward's three paths: bitsandbytes' fused kernel for one token, our AMX
+kernel for a few (AMX CPUs), dequantize + bf16 GEMM for many (vllm_bnb_mm/cpu.py,
+cpu_kernels.c).
 
 The C routines move bytes and compute bitsandbytes' own dequantization; they are checked
-bit for bit against bitsandbytes. Then one real engine runs a long prompt (GEMM path for
-the prefill of a bf16 engine, fused kernel for the decode) against the HF reference of the
-same checkpoint. A float32 engine keeps the fused kernel (tests/test_linear_layers.py).
+bit for bit against bitsandbytes, and the AMX kernel against a float64 product of that
+dequantized weight. Then one real engine runs a long and a short prompt (GEMM and, on AMX,
+AMX kernel for the prefills of a bf16 engine, fused kernel for the decode) against the HF
+reference of the same checkpoint. A float32 engine keeps the fused kernel
+(tests/test_linear_layers.py).
 """
 
 from __future__ import annotations
@@ -63,36 +66,91 @@ def test_a_compiler_failure_falls_back_with_a_warning(tmp_path, monkeypatch):
     assert not list((tmp_path / "cache").rglob("*.so"))
 
 
+needs_amx_kernel = pytest.mark.skipif(
+    not bnbf.has_avx512bf16() or cpu.kernels() is None or not cpu.amx_usable(),
+    reason="no AMX on this CPU (or our AMX kernel was not built)",
+)
+
+
+@needs_amx_kernel
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+@pytest.mark.parametrize("shape,blocksize", [((64, 128), 64), ((96, 256), 32),
+                                             ((256, 1024), 256), ((160, 4096), 128)])
+@pytest.mark.parametrize("m", [1, 3, 16, 17, 40])
+def test_amx_kernel_is_the_product_with_bitsandbytes_dequantized_weight(
+    quant_type, shape, blocksize, m
+):
+    """Every output is x @ W^T for W = bitsandbytes' bf16 dequantization, summed in float32
+    and rounded once to bf16: within half a bf16 step of the float64 product, plus the
+    float32 sum's rounding. The same bits whatever the number of threads."""
+    n, k = shape
+    g = torch.Generator().manual_seed(n + k + m)
+    w = torch.randn(n, k, generator=g) * 0.05
+    packed, state = qs.quantize_4bit(w, quant_type, blocksize, torch.bfloat16)
+    kernel, kstate = qs.repack_for_cpu_kernel(packed, state)
+    bf16_scales = qs._with(state, state.absmax.to(torch.bfloat16).float(), (n, k))
+    weight = qs.dequantize_4bit(packed, bf16_scales, torch.bfloat16).reshape(n, k)
+    x = torch.randn(m, k, generator=g).to(torch.bfloat16)
+    exact = x.double() @ weight.double().t()
+    threads = torch.get_num_threads()
+    outs = []
+    try:
+        for t in (1, 2):
+            torch.set_num_threads(t)
+            outs.append(cpu.gemm_4bit_amx(x, kernel, kstate.absmax, kstate.code, n, k,
+                                          blocksize))
+    finally:
+        torch.set_num_threads(threads)
+    got = outs[0].double()
+    sum_error = (x.double().abs() @ weight.double().abs().t()) * k * 2.0**-24
+    assert torch.all((got - exact).abs() <= exact.abs() * 2.0**-8 + sum_error)
+    assert torch.equal(outs[0], outs[1])
+
+
 @pytest.mark.parametrize("cap,amx_expected", [
     (None, True), ("AVX512_CORE_BF16", False), ("AVX512_CORE_AMX", True), ("ALL", True),
 ])
-def test_crossover_follows_the_isa_onednn_may_use(monkeypatch, cap, amx_expected):
+def test_paths_follow_the_isa_onednn_may_use(monkeypatch, cap, amx_expected):
+    """With AMX (and not capped off): fused at 1 token, the AMX kernel from 2, oneDNN's
+    GEMM from AMX_GEMM_MIN_TOKENS; without: fused up to GEMM_MIN_TOKENS_AVX512."""
     if cap is None:
         monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
     else:
         monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", cap)
     monkeypatch.delenv("DNNL_MAX_CPU_ISA", raising=False)
-    cpu.gemm_min_tokens.cache_clear()
+    cpu.amx_usable.cache_clear()
     try:
-        has_amx = torch.cpu._is_amx_tile_supported()
-        expected = (cpu.GEMM_MIN_TOKENS_AMX if amx_expected and has_amx
-                    else cpu.GEMM_MIN_TOKENS_AVX512)
-        assert cpu.gemm_min_tokens() == expected
+        paths = [cpu.forward_path(m) for m in (1, 2, 127, 128, 255, 256)]
+        if cpu.kernels() is None:
+            assert paths == ["fused"] * 6
+        elif amx_expected and torch.cpu._is_amx_tile_supported():
+            assert cpu.amx_usable()
+            assert paths == ["fused", "amx", "amx", "gemm", "gemm", "gemm"]
+        else:
+            assert not cpu.amx_usable()
+            assert paths == ["fused"] * 5 + ["gemm"]
     finally:
-        cpu.gemm_min_tokens.cache_clear()
+        cpu.amx_usable.cache_clear()
 
 
 LONG_PROMPT_TOKENS = 300
+SHORT_PROMPT_TOKENS = 48
 
 
-def _long_prompt(ckpt) -> list[int]:
+def _prompts(ckpt) -> list[list[int]]:
+    """A long prompt (GEMM path) and a short one with another start (AMX kernel path on
+    AMX CPUs; no prefix shared, so vLLM's prefix cache cannot shorten its prefill)."""
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(ckpt)
-    text = ("Once upon a time there was a small cat who lived in a green house near the "
+    long = ("Once upon a time there was a small cat who lived in a green house near the "
             "river, and every morning it walked to the market to look at the fish. ")
-    ids = tok(text * 20, add_special_tokens=True)["input_ids"][:LONG_PROMPT_TOKENS]
-    assert len(ids) == LONG_PROMPT_TOKENS
+    short = ("Far away in the mountains an old baker made bread for the whole village "
+             "before the sun came up, singing quietly. ")
+    ids = [tok(text * 20, add_special_tokens=True)["input_ids"][:n]
+           for text, n in ((long, LONG_PROMPT_TOKENS), (short, SHORT_PROMPT_TOKENS))]
+    assert [len(i) for i in ids] == [LONG_PROMPT_TOKENS, SHORT_PROMPT_TOKENS]
+    assert ids[0][1] != ids[1][1]
     return ids
 
 
@@ -106,23 +164,28 @@ def _hf_reference(ckpt, ids: list[int]) -> dict:
     return reference_for_case(model, inputs, torch.bfloat16)
 
 
-# bf16 engine vs HF's bf16 run: the GEMM path rounds where the fused kernel does not
-# (measured 0.056 on an AMX Xeon); a wrong scale, shard or layout is off by 1 and more.
-TOL_BF16_LONG_PROMPT = 0.15
+# bf16 engine vs HF's bf16 run: the GEMM and AMX paths round where the fused kernel does
+# not (measured 0.056 on an AMX Xeon); a wrong scale, shard or layout is off by 1 and more.
+TOL_BF16_PROMPT = 0.15
 
 
 @pytest.mark.engine
 @needs_cpu_kernels
-def test_long_prompt_through_both_cpu_paths_matches_hf(tiny):
-    """The 300-token prefill of a bf16 engine runs every 4-bit layer through dequantize +
-    GEMM (prompt logprobs, first-token top-5); the decode steps run the fused kernel
-    (greedy tokens). Held to HF's bf16 run on this CPU (the fused kernel everywhere)."""
-    assert LONG_PROMPT_TOKENS >= max(cpu.GEMM_MIN_TOKENS_AMX, cpu.GEMM_MIN_TOKENS_AVX512)
+def test_long_and_short_prompts_through_every_cpu_path_match_hf(tiny):
+    """One sequence at a time (max_num_seqs=1), so each prefill is a step of its own: the
+    300-token one runs every 4-bit layer through dequantize + GEMM, the 48-token one
+    through the AMX kernel on AMX CPUs (the fused kernel elsewhere); the decode steps (one
+    token) run the fused kernel. Prompt logprobs, first-token top-5 and greedy tokens,
+    held to HF's bf16 run on this CPU (the fused kernel everywhere)."""
+    assert LONG_PROMPT_TOKENS >= max(cpu.AMX_GEMM_MIN_TOKENS, cpu.GEMM_MIN_TOKENS_AVX512)
+    assert cpu.AMX_MIN_TOKENS <= SHORT_PROMPT_TOKENS < cpu.AMX_GEMM_MIN_TOKENS
     ckpt = tiny["llama-nf4-dq"]
-    ids = _long_prompt(ckpt)
-    expected = _hf_reference(ckpt, ids)
-    (got,) = run_llm(str(ckpt), [ids], load_format="bitsandbytes", dtype="bfloat16")
-    errors = [abs(a - b) for a, b in zip(got["prompt_logprobs"], expected["prompt_logprobs"],
-                                         strict=True)]
-    print(f"max prompt-logprob error {max(errors):.4f}")
-    assert_matches(got, expected, TOL_BF16_LONG_PROMPT, "llama-nf4-dq/long prompt")
+    prompts = _prompts(ckpt)
+    got = run_llm(str(ckpt), prompts, load_format="bitsandbytes", dtype="bfloat16",
+                  max_num_seqs=1)
+    for name, answer, ids in zip(("long", "short"), got, prompts, strict=True):
+        expected = _hf_reference(ckpt, ids)
+        errors = [abs(a - b) for a, b in zip(answer["prompt_logprobs"],
+                                             expected["prompt_logprobs"], strict=True)]
+        print(f"{name} prompt: max prompt-logprob error {max(errors):.4f}")
+        assert_matches(answer, expected, TOL_BF16_PROMPT, f"llama-nf4-dq/{name} prompt")

@@ -26,7 +26,7 @@ from vllm.model_executor.layers.linear import (
 )
 
 from bnb_files import packed_4bit_tensors, packed_8bit_tensors, write
-from vllm_bnb_mm import cpu, linear
+from vllm_bnb_mm import cpu
 from vllm_bnb_mm import quant_state as qs
 from vllm_bnb_mm.checkpoint import FileReader, scan_checkpoint
 from vllm_bnb_mm.config import BnbConfig
@@ -362,7 +362,7 @@ def test_shards_fused_on_disk_split_across_two_ranks(tmp_path, monkeypatch, laye
     got = _reassemble_columns([_forward(r, x).float() for r in ranks], logical)
     torch.testing.assert_close(got, _forward(full, x).float(), rtol=2e-2, atol=2e-2)
 
-# ------------------------------------------------------- CPU 4-bit forward: fused vs GEMM
+# ------------------------------------------------- CPU 4-bit forward: fused, AMX, GEMM
 
 needs_cpu_kernels = pytest.mark.skipif(
     not bnbf.has_avx512bf16() or cpu.kernels() is None,
@@ -370,38 +370,56 @@ needs_cpu_kernels = pytest.mark.skipif(
 )
 
 
-def _spy_gemm_path(monkeypatch) -> list[int]:
-    calls: list[int] = []
-    real = linear._dequantize_and_gemm
+def _spy_paths(monkeypatch) -> dict[str, list[int]]:
+    """Rows of every call that left the fused kernel, by path."""
+    calls: dict[str, list[int]] = {"gemm": [], "amx": []}
 
-    def spy(x, weight, state):
-        calls.append(x.shape[0])
-        return real(x, weight, state)
+    def spy(path, real):
+        def call(x, *args):
+            calls[path].append(x.shape[0])
+            return real(x, *args)
+        return call
 
-    monkeypatch.setattr(linear, "_dequantize_and_gemm", spy)
+    monkeypatch.setattr(cpu, "dequantize_and_gemm", spy("gemm", cpu.dequantize_and_gemm))
+    monkeypatch.setattr(cpu, "gemm_4bit_amx", spy("amx", cpu.gemm_4bit_amx))
     return calls
+
+
+def _path_boundaries() -> list[int]:
+    """Row counts on both sides of every switch between paths on this CPU."""
+    if cpu.amx_usable():
+        edges = [cpu.AMX_MIN_TOKENS, cpu.AMX_GEMM_MIN_TOKENS]
+    else:
+        edges = [cpu.GEMM_MIN_TOKENS_AVX512]
+    return sorted({1, *edges, *(e - 1 for e in edges), 17, edges[-1] * 2 + 3})
 
 
 @needs_cpu_kernels
 @pytest.mark.parametrize("quant_name", ["nf4-dq", "fp4"])
 @pytest.mark.parametrize("layer_kind", ["qkv", "gate_up", "row"])
-def test_cpu_forward_uses_fused_kernel_for_few_tokens_and_gemm_for_many(
+def test_cpu_forward_takes_the_path_for_its_token_count(
     tmp_path, monkeypatch, layer_kind, quant_name
 ):
+    """Every row count runs the path cpu.forward_path names (fused / AMX kernel / GEMM, on
+    each side of each switch) and matches bitsandbytes' own result for the checkpoint."""
     quant = QUANTS[quant_name]
     make, shards = LAYERS[layer_kind]
     path, tensors = _checkpoint(tmp_path, quant, shards)
     layer = _build_and_load(make, shards, path, quant)
     assert layer.bnb_parts[0][2].packing_format_for_cpu
-    gemm_calls = _spy_gemm_path(monkeypatch)
-    threshold = cpu.gemm_min_tokens()
+    calls = _spy_paths(monkeypatch)
     g = torch.Generator().manual_seed(3)
-    for m in (1, threshold - 1, threshold, 2 * threshold + 3):
+    expected_calls: dict[str, list[int]] = {"gemm": [], "amx": []}
+    for m in _path_boundaries():
         x = torch.randn(m, shards[0][3], generator=g).to(torch.bfloat16)
         got = _forward(layer, x).float()
         expected = _bnb_reference(x, tensors, shards, quant).float()
         torch.testing.assert_close(got, expected, rtol=2e-2, atol=2e-2)
-    assert gemm_calls == [threshold, 2 * threshold + 3]
+        taken = cpu.forward_path(m)
+        if taken != "fused":
+            expected_calls[taken] += [m] * len(layer.bnb_parts)
+    assert calls == expected_calls
+    assert calls["gemm"] and (calls["amx"] or not cpu.amx_usable())
 
 
 @needs_cpu_kernels
@@ -412,11 +430,12 @@ def test_float32_activations_keep_the_fused_kernel_at_every_batch_size(tmp_path,
     make, shards = LAYERS["row"]
     path, tensors = _checkpoint(tmp_path, quant, shards)
     layer = _build_and_load(make, shards, path, quant)
-    gemm_calls = _spy_gemm_path(monkeypatch)
-    x = torch.randn(2 * cpu.gemm_min_tokens(), shards[0][3],
-                    generator=torch.Generator().manual_seed(6))
-    got = _forward(layer, x)
-    assert got.dtype == torch.float32 and gemm_calls == []
+    calls = _spy_paths(monkeypatch)
+    for m in _path_boundaries():
+        x = torch.randn(m, shards[0][3], generator=torch.Generator().manual_seed(6))
+        got = _forward(layer, x)
+        assert got.dtype == torch.float32
+    assert calls == {"gemm": [], "amx": []}
     torch.testing.assert_close(got, _bnb_reference(x, tensors, shards, quant).float(),
                                rtol=2e-2, atol=2e-2)
 
@@ -429,14 +448,16 @@ def test_gemm_path_dequantizes_in_bounded_blocks(tmp_path, monkeypatch):
     make, shards = LAYERS["gate_up"]
     path, tensors = _checkpoint(tmp_path, quant, shards)
     layer = _build_and_load(make, shards, path, quant)
-    monkeypatch.setattr(linear, "SCRATCH_ELEMENTS", 64 * HIDDEN)  # 8 blocks of 64 rows
-    monkeypatch.setattr(linear, "_scratch", torch.empty(0, dtype=torch.bfloat16))
-    x = torch.randn(40, HIDDEN, generator=torch.Generator().manual_seed(4)).to(torch.bfloat16)
-    x = torch.cat([x] * (cpu.gemm_min_tokens() // 40 + 1))
+    monkeypatch.setattr(cpu, "SCRATCH_ELEMENTS", 64 * HIDDEN)  # 8 blocks of 64 rows
+    monkeypatch.setattr(cpu, "_scratch", torch.empty(0, dtype=torch.bfloat16))
+    calls = _spy_paths(monkeypatch)
+    m = max(cpu.AMX_GEMM_MIN_TOKENS, cpu.GEMM_MIN_TOKENS_AVX512)
+    x = torch.randn(m, HIDDEN, generator=torch.Generator().manual_seed(4)).to(torch.bfloat16)
     got = _forward(layer, x).float()
     torch.testing.assert_close(got, _bnb_reference(x, tensors, shards, quant).float(),
                                rtol=2e-2, atol=2e-2)
-    assert linear._scratch.numel() == 64 * HIDDEN
+    assert calls["gemm"] == [m]
+    assert cpu._scratch.numel() == 64 * HIDDEN
 
 
 @needs_cpu_kernels
@@ -447,10 +468,11 @@ def test_without_the_c_routines_every_batch_size_runs_the_fused_kernel(tmp_path,
     monkeypatch.setattr(cpu, "kernels", lambda: None)
     layer = _build_and_load(make, shards, path, quant)  # the uint8 tensor-op repack
     assert layer.bnb_parts[0][2].packing_format_for_cpu
-    gemm_calls = _spy_gemm_path(monkeypatch)
-    x = torch.randn(cpu.gemm_min_tokens() + 1, HIDDEN, generator=torch.Generator().manual_seed(5))
-    x = x.to(torch.bfloat16)
-    torch.testing.assert_close(_forward(layer, x).float(),
-                               _bnb_reference(x, tensors, shards, quant).float(),
-                               rtol=2e-2, atol=2e-2)
-    assert gemm_calls == []
+    calls = _spy_paths(monkeypatch)
+    for m in (5, max(cpu.AMX_GEMM_MIN_TOKENS, cpu.GEMM_MIN_TOKENS_AVX512) + 1):
+        x = torch.randn(m, HIDDEN, generator=torch.Generator().manual_seed(5))
+        x = x.to(torch.bfloat16)
+        torch.testing.assert_close(_forward(layer, x).float(),
+                                   _bnb_reference(x, tensors, shards, quant).float(),
+                                   rtol=2e-2, atol=2e-2)
+    assert calls == {"gemm": [], "amx": []}

@@ -1,4 +1,5 @@
-"""CPU platform facts the BnB forward depends on, and the C routines it builds for them."""
+"""The CPU 4-bit forward: which path runs for how many tokens, the C routines it builds for
+them (cpu_kernels.c), and the CPU facts it depends on."""
 
 from __future__ import annotations
 
@@ -10,7 +11,9 @@ import os
 import subprocess
 from pathlib import Path
 
+import bitsandbytes as bnb
 import torch
+from bitsandbytes.functional import QuantState, has_avx512bf16
 
 # vLLM configures the "vllm" logger tree; this module stays importable without vLLM.
 logger = logging.getLogger(f"vllm.{__name__}")
@@ -35,37 +38,56 @@ def request_amx_tile_state() -> None:
         torch.cpu._init_amx()
 
 
-# ------------------------------------------------------------- fused kernel vs GEMM
+# ------------------------------------------------------------- which path for M tokens
 
-# Tokens in a step (M) from which dequantize + bf16 GEMM beats bitsandbytes' fused 4-bit
-# kernel. The fused kernel decodes the whole weight again for every 4 rows of activations,
-# so its cost grows linearly with M (~0.25 ms per row for 6144 x 1536, one thread); the
-# GEMM path pays one dequantization (~4x the fused kernel's cost at M = 1) and then
-# oneDNN's GEMM. Both scale with the weight's size, so the crossover depends on the ISA
-# oneDNN runs, not on the shape. Measured with scripts/cpu_crossover.py (one thread, min
-# over repetitions, four shapes; results/bench/crossover.json, notes/performance.md):
-# - AMX: the GEMM is nearly flat up to M ~ 64; the paths cross at M = 16-20.
+# The CPU 4-bit forward has three paths, chosen by the tokens in the step (M):
+# - "fused": bitsandbytes' fused 4-bit kernel. It decodes the whole weight again for every
+#   4 rows of activations, so its cost grows linearly with M (~0.25 ms per row for
+#   6144 x 1536, one thread); the fastest at M = 1, and the only one for float32 models.
+# - "amx": our AMX kernel (cpu_kernels.c, gemm_4bit_amx) decodes the weight once per step
+#   into AMX tiles: ~flat in M up to 16 and ~1.5x faster than a bf16 GEMM there.
+# - "gemm": dequantize into a scratch buffer, then oneDNN's bf16 GEMM.
+# Measured with scripts/cpu_crossover.py (one thread, min over repetitions, four shapes;
+# results/bench/crossover.json, notes/performance.md). Both the weight's decoding and the
+# GEMMs scale with its size, so the crossovers depend on the ISA, not on the shape:
+# - AMX: fused at M = 1, ours from 2, oneDNN's GEMM from AMX_GEMM_MIN_TOKENS;
 # - AVX512-BF16 without AMX (oneDNN capped at AVX512_CORE_BF16): oneDNN's bf16 GEMM runs
 #   at ~0.2 ms per row, about the fused kernel's rate, so the dequantization only pays
 #   back from M ~ 256 (and wins by up to 25 % at 512).
-GEMM_MIN_TOKENS_AMX = 16
+AMX_MIN_TOKENS = 2
+AMX_GEMM_MIN_TOKENS = 128
 GEMM_MIN_TOKENS_AVX512 = 256
 
 
 @functools.cache
-def gemm_min_tokens() -> int:
-    """The crossover for this process: oneDNN uses AMX unless the CPU lacks it or
-    ONEDNN_MAX_CPU_ISA caps it below (e.g. AVX512_CORE_BF16)."""
+def amx_usable() -> bool:
+    """AMX in this CPU, not capped off by ONEDNN_MAX_CPU_ISA (e.g. AVX512_CORE_BF16, as
+    scripts/cpu_crossover.py does to stand for CPUs without AMX), and our AMX kernel built."""
     cap = os.environ.get("ONEDNN_MAX_CPU_ISA", os.environ.get("DNNL_MAX_CPU_ISA", "ALL"))
     uncapped = cap.upper() in ("ALL", "DEFAULT") or "AMX" in cap.upper()
-    amx = torch.cpu._is_amx_tile_supported() and uncapped
-    return GEMM_MIN_TOKENS_AMX if amx else GEMM_MIN_TOKENS_AVX512
+    lib = kernels()
+    return (torch.cpu._is_amx_tile_supported() and uncapped and lib is not None
+            and hasattr(lib, "gemm_4bit_amx"))
+
+
+def forward_path(tokens: int) -> str:
+    """"fused", "amx" or "gemm" for a bf16 step of `tokens` rows (see above)."""
+    if kernels() is None:
+        return "fused"
+    if amx_usable():
+        if tokens < AMX_MIN_TOKENS:
+            return "fused"
+        return "amx" if tokens < AMX_GEMM_MIN_TOKENS else "gemm"
+    return "fused" if tokens < GEMM_MIN_TOKENS_AVX512 else "gemm"
 
 
 # ------------------------------------------------------------- C routines
 
 _SOURCE = Path(__file__).with_name("cpu_kernels.c")
-_FLAGS = ("-O3", "-shared", "-fPIC", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16")
+# -fopenmp: the AMX kernel's threads come from libgomp.so.1, which torch has loaded already,
+# so they are torch's own (torch.set_num_threads applies).
+_FLAGS = ("-O3", "-shared", "-fPIC", "-fopenmp",
+          "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16")
 _P = ctypes.c_void_p
 _I = ctypes.c_int64
 
@@ -76,8 +98,6 @@ def kernels() -> ctypes.CDLL | None:
     into vLLM's cache directory, keyed by source and flags. Only for CPUs that run
     bitsandbytes' AVX512-BF16 kernel. None when it cannot be built: the caller falls back
     to bitsandbytes alone (slower repack at load, fused kernel at every M)."""
-    from bitsandbytes.functional import has_avx512bf16
-
     if not has_avx512bf16():
         return None
     compiler = os.environ.get("CC", "cc")
@@ -103,6 +123,9 @@ def kernels() -> ctypes.CDLL | None:
     lib.repack_inplace.restype = None
     lib.dequantize_t.argtypes = [_P, _P, _P, _P, _I, _I, _I, _I, _I]
     lib.dequantize_t.restype = None
+    if hasattr(lib, "gemm_4bit_amx"):  # compilers older than GCC 11 leave it out
+        lib.gemm_4bit_amx.argtypes = [_P, _P, _P, _P, _P, _I, _I, _I, _I]
+        lib.gemm_4bit_amx.restype = ctypes.c_int
     return lib
 
 
@@ -143,3 +166,71 @@ def dequantize_t(
         kernel.data_ptr(), scales.data_ptr(), code.data_ptr(), out.data_ptr(),
         n, k, blocksize, rows[0] // 32, rows[1] // 32,
     )
+
+
+# ------------------------------------------------------------- the forward
+
+
+def matmul_4bit(x: torch.Tensor, weight: torch.Tensor, state: QuantState) -> torch.Tensor:
+    """x [M, K] @ W^T for a weight in bitsandbytes' CPU kernel layout, on the path that is
+    fastest for M tokens. bf16 activations only leave the fused kernel: the other paths
+    round their output to bf16, where the fused kernel (what transformers runs) keeps a
+    float32 model's activations float32."""
+    path = forward_path(x.shape[0]) if x.dtype == torch.bfloat16 else "fused"
+    n, k = state.shape
+    if path == "amx" and amx_kernel_fits(n, k, state.blocksize):
+        return gemm_4bit_amx(x, weight, state.absmax, state.code, n, k, state.blocksize)
+    if path == "gemm":
+        return dequantize_and_gemm(x, weight, state)
+    return bnb.matmul_4bit(x, weight, quant_state=state)
+
+
+# Largest bf16 block of a weight dequantized at once (elements): 8 MiB stays in the big
+# shared caches between the dequantization and the GEMM that reads it, and bounds the
+# memory the GEMM path adds, whatever the layer's size (a 4-bit lm_head of a 128 k vocab
+# would be 1 GiB in bf16).
+SCRATCH_ELEMENTS = 4 * 2**20
+_scratch = torch.empty(0, dtype=torch.bfloat16)
+
+
+def dequantize_and_gemm(x: torch.Tensor, weight: torch.Tensor, state: QuantState) -> torch.Tensor:
+    """Many tokens: bitsandbytes' fused kernel decodes the whole weight once per 4 of them,
+    so dequantize each block of rows once into a reused scratch buffer and let oneDNN's
+    bf16 GEMM (AMX where present) do the arithmetic. One buffer per process: vLLM's CPU
+    worker runs one forward at a time."""
+    global _scratch
+    n, k = state.shape
+    step = max(32, SCRATCH_ELEMENTS // k // 32 * 32)
+    if _scratch.numel() < k * min(step, n):
+        _scratch = torch.empty(k * min(step, n), dtype=torch.bfloat16)
+    xb = x.to(torch.bfloat16)
+    outs = []
+    for start in range(0, n, step):
+        rows = (start, min(n, start + step))
+        w_t = _scratch[: k * (rows[1] - rows[0])].view(k, rows[1] - rows[0])
+        dequantize_t(weight, state.absmax, state.code, w_t, n, k, state.blocksize, rows)
+        outs.append(torch.matmul(xb, w_t))
+    out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=-1)
+    return out.to(x.dtype)
+
+
+def amx_kernel_fits(n: int, k: int, blocksize: int) -> bool:
+    """The AMX kernel's shape limits: whole 32 x 32 pieces, one scale per piece."""
+    return n % 32 == 0 and k % 32 == 0 and blocksize % 32 == 0
+
+
+def gemm_4bit_amx(
+    x: torch.Tensor, kernel: torch.Tensor, scales: torch.Tensor, code: torch.Tensor,
+    n: int, k: int, blocksize: int,
+) -> torch.Tensor:
+    """x [M, k] (bf16) @ W^T from the kernel layout, as bf16 [M, n] (needs amx_usable())."""
+    x = x.contiguous()
+    out = torch.empty(x.shape[0], n, dtype=torch.bfloat16)
+    request_amx_tile_state()
+    failed = kernels().gemm_4bit_amx(
+        x.data_ptr(), kernel.data_ptr(), scales.data_ptr(), code.data_ptr(), out.data_ptr(),
+        x.shape[0], n, k, blocksize,
+    )
+    if failed:
+        raise MemoryError(f"gemm_4bit_amx: no {k * 64} B work buffer for a thread")
+    return out

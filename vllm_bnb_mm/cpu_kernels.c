@@ -13,7 +13,9 @@
  * dequantize_4bit does (float32 product, round to nearest even).
  */
 #include <immintrin.h>
+#include <omp.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 
 /* plain [N, K/2] bytes -> kernel [N/32][K/2][32] bytes (distinct buffers). */
@@ -78,3 +80,156 @@ void dequantize_t(const uint8_t *kernel, const uint16_t *scales, const float *co
         }
     }
 }
+
+/* ------------------------------------------------------------------ AMX GEMM
+ *
+ * out[M, N] (bf16) = x[M, K] (bf16) @ W^T straight from the kernel layout, for CPUs with
+ * AMX. bitsandbytes' fused kernel decodes the whole weight again for every few rows of x;
+ * this decodes each 32 x 32 piece of W once per call, exactly as `dequantize_t` does
+ * (bf16(code[q] * scale)), into the VNNI tile layout AMX multiplies (row r of a B tile:
+ * 16 columns n, each the pair W[n, 2r], W[n, 2r + 1]), and lets TDPBF16PS accumulate in
+ * float32 for up to 16 rows of x at a time. The products are those of dequantize + bf16
+ * GEMM; only the order of the float32 sums differs.
+ *
+ * Tiles: 0, 1 accumulate rows of x against output columns 32 nb + [0, 16) and
+ * [16, 32); 2 holds 16 rows x 32 columns of x; 3, 4 hold the matching two B tiles. */
+#if defined(__GNUC__) && (__GNUC__ >= 11 || defined(__clang__))
+#pragma GCC push_options
+#pragma GCC target("amx-tile,amx-bf16")
+
+struct tile_config {
+    uint8_t palette, start_row, reserved[14];
+    uint16_t colsb[16];
+    uint8_t rows[16];
+};
+
+static void configure_tiles(int rows) {
+    struct tile_config cfg;
+    memset(&cfg, 0, sizeof cfg);
+    cfg.palette = 1;
+    for (int t = 0; t < 5; ++t) {
+        cfg.colsb[t] = 64;
+        cfg.rows[t] = t >= 3 ? 16 : (uint8_t)rows;
+    }
+    _tile_loadconfig(&cfg);
+}
+
+/* Columns 32 kt .. 32 kt + 31 of rows 32 nb .. 32 nb + 31 into two B tiles (512 bf16
+ * each: rows n < 16, then rows n >= 16). */
+static inline void decode_tiles(const uint8_t *src, const uint16_t *s, __m512 lut,
+                                __m512i interleave, uint16_t *b) {
+    const __m512 s_lo = bf16x16_to_f32(s), s_hi = bf16x16_to_f32(s + 16);
+    const __m512i nibble = _mm512_set1_epi32(0xF);
+    for (int r = 0; r < 16; ++r) {
+        const __m512i q = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(src + 32 * r)));
+        const __m512 e_lo = _mm512_permutexvar_ps(_mm512_and_si512(q, nibble), lut);
+        const __m512 e_hi = _mm512_permutexvar_ps(
+            _mm512_and_si512(_mm512_srli_epi32(q, 4), nibble), lut);
+        const __m512 o_lo = _mm512_permutexvar_ps(
+            _mm512_and_si512(_mm512_srli_epi32(q, 8), nibble), lut);
+        const __m512 o_hi = _mm512_permutexvar_ps(_mm512_srli_epi32(q, 12), lut);
+        const __m512i lo = (__m512i)_mm512_cvtne2ps_pbh(_mm512_mul_ps(o_lo, s_lo),
+                                                        _mm512_mul_ps(e_lo, s_lo));
+        const __m512i hi = (__m512i)_mm512_cvtne2ps_pbh(_mm512_mul_ps(o_hi, s_hi),
+                                                        _mm512_mul_ps(e_hi, s_hi));
+        _mm512_store_si512(b + 32 * r, _mm512_permutexvar_epi16(interleave, lo));
+        _mm512_store_si512(b + 512 + 32 * r, _mm512_permutexvar_epi16(interleave, hi));
+    }
+}
+
+/* The two accumulator tiles, rounded to bf16, into rows m0 .. m0 + rows - 1 of out. */
+static inline void store_rows(uint16_t *out, int64_t n, int64_t m0, int rows, int64_t nb) {
+    float c[16][32] __attribute__((aligned(64)));
+    _tile_stored(0, &c[0][0], 128);
+    _tile_stored(1, &c[0][16], 128);
+    for (int r = 0; r < rows; ++r) {
+        const __m512i v = (__m512i)_mm512_cvtne2ps_pbh(_mm512_load_ps(&c[r][16]),
+                                                       _mm512_load_ps(&c[r][0]));
+        _mm512_storeu_si512(out + (m0 + r) * n + 32 * nb, v);
+    }
+}
+
+/* Rows of W nb0 .. (32 rows a block) against every row of x; `work` holds 32 x k bf16
+ * (64-byte aligned) when m > 16, 1024 otherwise. */
+static void gemm_blocks(const uint16_t *x, const uint8_t *kernel, const uint16_t *scales,
+                        __m512 lut, __m512i interleave, uint16_t *out, uint16_t *work,
+                        int64_t m, int64_t n, int64_t k, int64_t blocksize, int64_t nb) {
+    const int64_t kt_count = k / 32;
+    const uint8_t *w = kernel + nb * (k / 2) * 32;
+    if (m <= 16) {
+        /* One tile of rows: decode and multiply piece by piece (stays in L1). */
+        _tile_zero(0);
+        _tile_zero(1);
+        for (int64_t kt = 0; kt < kt_count; ++kt) {
+            decode_tiles(w + kt * 512, scales + (32 * kt / blocksize) * n + 32 * nb, lut,
+                         interleave, work);
+            _tile_loadd(2, x + 32 * kt, k * 2);
+            _tile_loadd(3, work, 64);
+            _tile_loadd(4, work + 512, 64);
+            _tile_dpbf16ps(0, 2, 3);
+            _tile_dpbf16ps(1, 2, 4);
+        }
+        store_rows(out, n, 0, (int)m, nb);
+        return;
+    }
+    /* Many rows: decode the 32 rows of W once, then every tile of rows reads them. The
+     * tile shapes change for a last partial tile of rows and back for the next block. */
+    for (int64_t kt = 0; kt < kt_count; ++kt)
+        decode_tiles(w + kt * 512, scales + (32 * kt / blocksize) * n + 32 * nb, lut,
+                     interleave, work + kt * 1024);
+    for (int64_t m0 = 0; m0 < m; m0 += 16) {
+        const int rows = m - m0 < 16 ? (int)(m - m0) : 16;
+        if (rows < 16) configure_tiles(rows);
+        _tile_zero(0);
+        _tile_zero(1);
+        for (int64_t kt = 0; kt < kt_count; ++kt) {
+            _tile_loadd(2, x + m0 * k + 32 * kt, k * 2);
+            _tile_loadd(3, work + kt * 1024, 64);
+            _tile_loadd(4, work + kt * 1024 + 512, 64);
+            _tile_dpbf16ps(0, 2, 3);
+            _tile_dpbf16ps(1, 2, 4);
+        }
+        store_rows(out, n, m0, rows, nb);
+        if (rows < 16) configure_tiles(16);
+    }
+}
+
+/* The caller has asked Linux for the AMX tile state (cpu.request_amx_tile_state). Blocks
+ * of 32 rows of W are split over the OpenMP threads (torch's runtime: libgomp.so.1 is
+ * already loaded, so torch.set_num_threads applies here too). Returns 0, or -1 when a
+ * thread's work buffer could not be allocated (its rows of out are then not written). */
+int gemm_4bit_amx(const uint16_t *x, const uint8_t *kernel, const uint16_t *scales,
+                  const float *code, uint16_t *out, int64_t m, int64_t n, int64_t k,
+                  int64_t blocksize) {
+    const __m512 lut = _mm512_loadu_ps(code);
+    uint16_t idx[32];
+    for (int j = 0; j < 16; ++j) {
+        idx[2 * j] = (uint16_t)j;
+        idx[2 * j + 1] = (uint16_t)(16 + j);
+    }
+    const __m512i interleave = _mm512_loadu_si512(idx);
+    int failed = 0;
+#pragma omp parallel
+    {
+        /* An even share of the blocks per thread, by hand rather than `omp for`, so that a
+         * thread without a buffer can leave without the others waiting for it. */
+        const int64_t blocks = n / 32, threads = omp_get_num_threads();
+        const int64_t me = omp_get_thread_num();
+        const int64_t nb0 = blocks * me / threads, nb1 = blocks * (me + 1) / threads;
+        uint16_t small[1024] __attribute__((aligned(64)));
+        uint16_t *work = m <= 16 ? small : aligned_alloc(64, (size_t)k * 64);
+        if (work == NULL) {
+#pragma omp atomic write
+            failed = 1;
+        } else if (nb0 < nb1) {
+            configure_tiles(m < 16 ? (int)m : 16);
+            for (int64_t nb = nb0; nb < nb1; ++nb)
+                gemm_blocks(x, kernel, scales, lut, interleave, out, work, m, n, k, blocksize, nb);
+            _tile_release();
+        }
+        if (work != small) free(work);
+    }
+    return failed ? -1 : 0;
+}
+#pragma GCC pop_options
+#endif

@@ -390,42 +390,8 @@ def _bnb_mm_linear(
 
 def _matmul_4bit(x: torch.Tensor, weight: torch.Tensor, state: QuantState) -> torch.Tensor:
     if getattr(state, "packing_format_for_cpu", False):
-        # bf16 activations only: the GEMM rounds its output to bf16, where the fused kernel
-        # (what transformers runs) keeps a float32 model's activations float32.
-        many = x.shape[0] >= cpu.gemm_min_tokens()
-        if many and x.dtype == torch.bfloat16 and cpu.kernels() is not None:
-            return _dequantize_and_gemm(x, weight, state)
-        return bnb.matmul_4bit(x, weight, quant_state=state)
+        return cpu.matmul_4bit(x, weight, state)
     return bnb.matmul_4bit(x, weight.reshape(-1, 1).t(), quant_state=state)
-
-
-# Largest bf16 block of a weight dequantized at once (elements): 8 MiB stays in the big
-# shared caches between the dequantization and the GEMM that reads it, and bounds the
-# memory the GEMM path adds, whatever the layer's size (a 4-bit lm_head of a 128 k vocab
-# would be 1 GiB in bf16).
-SCRATCH_ELEMENTS = 4 * 2**20
-_scratch = torch.empty(0, dtype=torch.bfloat16)
-
-
-def _dequantize_and_gemm(x: torch.Tensor, weight: torch.Tensor, state: QuantState) -> torch.Tensor:
-    """Many tokens: bitsandbytes' fused kernel decodes the whole weight once per 4 of them,
-    so dequantize each block of rows once into a reused scratch buffer and let oneDNN's
-    bf16 GEMM (AMX where present) do the arithmetic. One buffer per process: vLLM's CPU
-    worker runs one forward at a time."""
-    global _scratch
-    n, k = state.shape
-    step = max(32, SCRATCH_ELEMENTS // k // 32 * 32)
-    if _scratch.numel() < k * min(step, n):
-        _scratch = torch.empty(k * min(step, n), dtype=torch.bfloat16)
-    xb = x.to(torch.bfloat16)
-    outs = []
-    for start in range(0, n, step):
-        rows = (start, min(n, start + step))
-        w_t = _scratch[: k * (rows[1] - rows[0])].view(k, rows[1] - rows[0])
-        cpu.dequantize_t(weight, state.absmax, state.code, w_t, n, k, state.blocksize, rows)
-        outs.append(torch.matmul(xb, w_t))
-    out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=-1)
-    return out.to(x.dtype)
 
 
 def _bnb_mm_linear_fake(

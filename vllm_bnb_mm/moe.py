@@ -491,7 +491,7 @@ def _expert_matmul(layer, proj: str, expert: int, x: torch.Tensor) -> torch.Tens
     absmax = getattr(layer, f"{proj}_absmax")[expert]
     state = _with_absmax(getattr(layer, f"bnb_{proj}_state"), absmax)
     if state.packing_format_for_cpu:
-        return bnbf.gemv_4bit(x.to(torch.bfloat16), weight, state=state).to(x.dtype)
+        return cpu.matmul_4bit(x.to(torch.bfloat16), weight, state).to(x.dtype)
     return F.linear(x, qs.dequantize_4bit(weight, state, x.dtype).reshape(state.shape))
 
 
