@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 
@@ -95,3 +96,16 @@ def check_red_and_blue(got: list[dict], expected: dict, ref: dict, tol: float) -
         assert cross > 2 * own and cross > 0.5, (
             f"{ref['variant']}: {colour} is as close to HF {other} ({cross:.3f}) as to its own"
         )
+
+
+@functools.cache
+def float32_chat_answers(ckpt: Path) -> list[dict]:
+    """Every conversation of the checkpoint's HF reference through `vllm.LLM.chat` in
+    float32. Cached per process: pytest may set a parametrized module fixture up again
+    when tests of other parameters run in between (seen under xdist); the engine runs once."""
+    from engines import run_llm_chat
+
+    return run_llm_chat(
+        str(ckpt), conversations(load_reference(ckpt)), load_format="bitsandbytes",
+        dtype="float32", limit_mm_per_prompt={"image": 1},
+    )

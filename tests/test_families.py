@@ -19,7 +19,13 @@ from openai import OpenAI
 
 from chat_requests import ask
 from engines import openai_server, run_llm_chat
-from parity import check_all_cases, check_red_and_blue, conversations, load_reference
+from parity import (
+    check_all_cases,
+    check_red_and_blue,
+    conversations,
+    float32_chat_answers,
+    load_reference,
+)
 
 # float32 engines against HF float32: bitsandbytes' CPU 4-bit kernel rounds activations to
 # bf16 internally on both sides, in different summation orders (as in test_llama_parity).
@@ -71,20 +77,10 @@ def _tolerances(ref: dict) -> tuple[float, float]:
 # ------------------------------------------------------------------ pre-quantized, vllm.LLM
 
 
-@functools.cache
-def _prequantized_run(ckpt: Path) -> list[dict]:
-    # Cached per process: pytest may set a parametrized module fixture up again when
-    # tests of other parameters run in between (seen under xdist); the engine runs once.
-    return run_llm_chat(
-        str(ckpt), conversations(load_reference(ckpt)), load_format="bitsandbytes",
-        dtype="float32", limit_mm_per_prompt={"image": 1},
-    )
-
-
 @pytest.fixture(scope="module", params=LLM_VARIANTS)
 def llm_run(request, tiny):
     ckpt = tiny[request.param]
-    return ckpt, load_reference(ckpt), _prequantized_run(ckpt)
+    return ckpt, load_reference(ckpt), float32_chat_answers(ckpt)
 
 
 def test_prequantized_family_matches_hf(llm_run):

@@ -11,7 +11,6 @@ through the API in bf16.
 
 from __future__ import annotations
 
-import functools
 import json
 import shutil
 from pathlib import Path
@@ -20,11 +19,11 @@ import pytest
 from openai import OpenAI
 
 from chat_requests import ask
-from engines import openai_server, run_llm_chat
+from engines import openai_server
 from parity import (
     check_all_cases,
     check_red_and_blue,
-    conversations,
+    float32_chat_answers,
     load_reference,
 )
 
@@ -78,23 +77,13 @@ def _checkpoint(variant: str, tiny, tmp_path_factory) -> Path:
 # ------------------------------------------------------------------ vllm.LLM, float32
 
 
-@functools.cache
-def _llm_run(ckpt: Path) -> list[dict]:
-    # Cached per process: pytest may set a parametrized module fixture up again when
-    # tests of other parameters run in between; the engine runs once.
-    return run_llm_chat(
-        str(ckpt), conversations(load_reference(ckpt)), load_format="bitsandbytes",
-        dtype="float32", limit_mm_per_prompt={"image": 1},
-    )
-
-
 @pytest.fixture(scope="module", params=LLM_VARIANTS)
 def llm_run(request, tiny, tmp_path_factory):
     ckpt = _checkpoint(request.param, tiny, tmp_path_factory)
     ref = load_reference(ckpt)
     tolerances = (TOL_8BIT, SOFT_TOL_8BIT) if request.param.endswith("int8") else (
         TOL_4BIT, SOFT_TOL_4BIT)
-    return ckpt, ref, _llm_run(ckpt), tolerances
+    return ckpt, ref, float32_chat_answers(ckpt), tolerances
 
 
 def test_answers_match_hf_reference(llm_run):
