@@ -111,8 +111,9 @@ def test_amx_kernel_is_the_product_with_bitsandbytes_dequantized_weight(
     (None, True), ("AVX512_CORE_BF16", False), ("AVX512_CORE_AMX", True), ("ALL", True),
 ])
 def test_paths_follow_the_isa_onednn_may_use(monkeypatch, cap, amx_expected):
-    """With AMX (and not capped off): fused at 1 token, the AMX kernel from 2, oneDNN's
-    GEMM from AMX_GEMM_MIN_TOKENS; without: fused up to GEMM_MIN_TOKENS_AVX512."""
+    """With AMX (and not capped off): fused up to 2 tokens, the AMX kernel from 3, oneDNN's
+    GEMM from 512; without: fused up to 127, oneDNN's GEMM from 128 (the crossovers
+    measured by scripts/cpu_crossover.py, notes/performance.md)."""
     if cap is None:
         monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
     else:
@@ -120,20 +121,21 @@ def test_paths_follow_the_isa_onednn_may_use(monkeypatch, cap, amx_expected):
     monkeypatch.delenv("DNNL_MAX_CPU_ISA", raising=False)
     cpu.amx_usable.cache_clear()
     try:
-        paths = [cpu.forward_path(m) for m in (1, 2, 127, 128, 255, 256)]
+        tokens = (1, 2, 3, 127, 128, 511, 512)
+        paths = [cpu.forward_path(m) for m in tokens]
         if cpu.kernels() is None:
-            assert paths == ["fused"] * 6
+            assert paths == ["fused"] * len(tokens)
         elif amx_expected and torch.cpu._is_amx_tile_supported():
             assert cpu.amx_usable()
-            assert paths == ["fused", "amx", "amx", "gemm", "gemm", "gemm"]
+            assert paths == ["fused", "fused", "amx", "amx", "amx", "amx", "gemm"]
         else:
             assert not cpu.amx_usable()
-            assert paths == ["fused"] * 5 + ["gemm"]
+            assert paths == ["fused"] * 4 + ["gemm"] * 3
     finally:
         cpu.amx_usable.cache_clear()
 
 
-LONG_PROMPT_TOKENS = 300
+LONG_PROMPT_TOKENS = 600
 SHORT_PROMPT_TOKENS = 48
 
 
@@ -147,7 +149,7 @@ def _prompts(ckpt) -> list[list[int]]:
             "river, and every morning it walked to the market to look at the fish. ")
     short = ("Far away in the mountains an old baker made bread for the whole village "
              "before the sun came up, singing quietly. ")
-    ids = [tok(text * 20, add_special_tokens=True)["input_ids"][:n]
+    ids = [tok(text * 40, add_special_tokens=True)["input_ids"][:n]
            for text, n in ((long, LONG_PROMPT_TOKENS), (short, SHORT_PROMPT_TOKENS))]
     assert [len(i) for i in ids] == [LONG_PROMPT_TOKENS, SHORT_PROMPT_TOKENS]
     assert ids[0][1] != ids[1][1]
@@ -173,7 +175,7 @@ TOL_BF16_PROMPT = 0.15
 @needs_cpu_kernels
 def test_long_and_short_prompts_through_every_cpu_path_match_hf(tiny):
     """One sequence at a time (max_num_seqs=1), so each prefill is a step of its own: the
-    300-token one runs every 4-bit layer through dequantize + GEMM, the 48-token one
+    600-token one runs every 4-bit layer through dequantize + GEMM, the 48-token one
     through the AMX kernel on AMX CPUs (the fused kernel elsewhere); the decode steps (one
     token) run the fused kernel. Prompt logprobs, first-token top-5 and greedy tokens,
     held to HF's bf16 run on this CPU (the fused kernel everywhere)."""
@@ -182,7 +184,7 @@ def test_long_and_short_prompts_through_every_cpu_path_match_hf(tiny):
     ckpt = tiny["llama-nf4-dq"]
     prompts = _prompts(ckpt)
     got = run_llm(str(ckpt), prompts, load_format="bitsandbytes", dtype="bfloat16",
-                  max_num_seqs=1)
+                  max_num_seqs=1, max_model_len=1024)
     for name, answer, ids in zip(("long", "short"), got, prompts, strict=True):
         expected = _hf_reference(ckpt, ids)
         errors = [abs(a - b) for a, b in zip(answer["prompt_logprobs"],

@@ -45,18 +45,19 @@ def request_amx_tile_state() -> None:
 #   4 rows of activations, so its cost grows linearly with M (~0.25 ms per row for
 #   6144 x 1536, one thread); the fastest at M = 1, and the only one for float32 models.
 # - "amx": our AMX kernel (cpu_kernels.c, gemm_4bit_amx) decodes the weight once per step
-#   into AMX tiles: ~flat in M up to 16 and ~1.5x faster than a bf16 GEMM there.
+#   into AMX tiles: ~flat in M up to 16, and faster than a bf16 GEMM up to M ~ 256.
 # - "gemm": dequantize into a scratch buffer, then oneDNN's bf16 GEMM.
 # Measured with scripts/cpu_crossover.py (one thread, min over repetitions, four shapes;
-# results/bench/crossover.json, notes/performance.md). Both the weight's decoding and the
-# GEMMs scale with its size, so the crossovers depend on the ISA, not on the shape:
-# - AMX: fused at M = 1, ours from 2, oneDNN's GEMM from AMX_GEMM_MIN_TOKENS;
+# results/bench/crossover.json, notes/performance.md). Every path's cost scales with the
+# weight's size, so the crossovers depend on the ISA, not on the shape:
+# - AMX: the AMX kernel beats the fused one from M = 3-4 (2 on the smallest shape) and
+#   oneDNN's GEMM up to M = 256-512 (~1.2x at 512 on two shapes, ~0.95x on the other two);
 # - AVX512-BF16 without AMX (oneDNN capped at AVX512_CORE_BF16): oneDNN's bf16 GEMM runs
-#   at ~0.2 ms per row, about the fused kernel's rate, so the dequantization only pays
-#   back from M ~ 256 (and wins by up to 25 % at 512).
-AMX_MIN_TOKENS = 2
-AMX_GEMM_MIN_TOKENS = 128
-GEMM_MIN_TOKENS_AVX512 = 256
+#   at ~0.2 ms per row, about the fused kernel's rate, so the dequantization pays back
+#   from M = 64-128 (and wins by up to 25 % at 512).
+AMX_MIN_TOKENS = 3
+AMX_GEMM_MIN_TOKENS = 512
+GEMM_MIN_TOKENS_AVX512 = 128
 
 
 @functools.cache
