@@ -9,8 +9,6 @@ one-NUMA-node box unless their OpenMP threads are bound explicitly.
 
 from __future__ import annotations
 
-import pytest
-
 from engines import run_llm
 from parity import assert_matches, load_reference
 
@@ -33,14 +31,12 @@ def _check(tiny, variant, tol, **llm_kwargs):
         assert_matches(result, expected[case["name"]], tol, f"{variant}/{case['name']}")
 
 
-# nf4 and fp4 differ only in the code table a byte is looked up in: slicing packed bytes
-# and absmax is the same for both, so fp4 runs once, in the hardest cut (below).
-VARIANTS = [("llama-wide-nf4-dq", TOL_4BIT), ("llama-wide-int8", TOL_8BIT)]
-
-
-@pytest.mark.parametrize("variant,tol", VARIANTS)
-def test_tensor_parallel_2_matches_hf(tiny, variant, tol):
-    _check(tiny, variant, tol, tensor_parallel_size=2)
+# 4-bit TP=2 runs in the hardest cut (below) here and, with nf4 + double quant, on every
+# multimodal family (tests/test_families.py); nf4 and fp4 differ only in the code table a
+# byte is looked up in, so slicing packed bytes and absmax is the same for both. LLM.int8
+# slices rows and SCB instead: its own TP=2 test.
+def test_tensor_parallel_2_int8_matches_hf(tiny):
+    _check(tiny, "llama-wide-int8", TOL_8BIT, tensor_parallel_size=2)
 
 
 def test_tensor_parallel_2_cuts_inside_quant_blocks_match_hf(tiny):
@@ -52,8 +48,9 @@ def test_tensor_parallel_2_cuts_inside_quant_blocks_match_hf(tiny):
     _check(tiny, "llama-tp-cut-fp4", TOL_4BIT, tensor_parallel_size=2)
 
 
-@pytest.mark.parametrize("variant,tol", VARIANTS)
-def test_pipeline_parallel_2_matches_hf(tiny, variant, tol):
+def test_pipeline_parallel_2_matches_hf(tiny):
+    """Each stage loads its own layers' packed weights and quant states and nothing of the
+    other stage's (the same routing for every quantization: whole layers move)."""
     # vLLM CPU allocates the inter-stage buffers only in its compile warm-up, so PP
     # needs enforce_eager=False there.
-    _check(tiny, variant, tol, pipeline_parallel_size=2, enforce_eager=False)
+    _check(tiny, "llama-wide-nf4-dq", TOL_4BIT, pipeline_parallel_size=2, enforce_eager=False)
