@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import fcntl
 import json
 import os
 import signal
@@ -131,51 +130,34 @@ def _run_llm_spec(spec: dict, env: dict | None, timeout: float) -> dict:
         # three). Same model code and kernels; vLLM's default processes are what the
         # servers and the AMX test run.
         env.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-    with _engine_slot(world_size):
-        proc = subprocess.Popen(
-            [sys.executable, str(HERE / "run_llm.py"), json.dumps(spec)],
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-            env=engine_env(**env), start_new_session=True,
-        )
-        timer = threading.Timer(timeout, _kill_group, (proc,))
-        timer.start()
-        output, report = [], None
-        try:
-            for line in proc.stdout:
-                if line.startswith('{"results"'):
-                    report = json.loads(line)
-                    break
-                output.append(line)
-        finally:
-            timer.cancel()
-            if world_size == 1:
-                # The answer is in and nothing of the shutdown is under test: vLLM's own
-                # takes 5-10 s. (Engines with worker processes stop gracefully, so their
-                # shared-memory queues are cleaned up.)
-                _kill_group(proc)
-            _stop(proc)
+    proc = subprocess.Popen(
+        [sys.executable, str(HERE / "run_llm.py"), json.dumps(spec)],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        env=engine_env(**env), start_new_session=True,
+    )
+    timer = threading.Timer(timeout, _kill_group, (proc,))
+    timer.start()
+    output, report = [], None
+    try:
+        for line in proc.stdout:
+            if line.startswith('{"results"'):
+                report = json.loads(line)
+                break
+            output.append(line)
+    finally:
+        timer.cancel()
+        if world_size == 1:
+            # The answer is in and nothing of the shutdown is under test: vLLM's own
+            # takes 5-10 s. (Engines with worker processes stop gracefully, so their
+            # shared-memory queues are cleaned up.)
+            _kill_group(proc)
+        _stop(proc)
     if report is None:
         text = "".join(output)
         raise EngineFailed(
             f"vllm.LLM on {model} failed (exit {proc.returncode}):\n{text[-6000:]}", text,
         )
     return report
-
-
-# Engines with two workers (TP/PP) pin one to each core and busy-wait on each other in
-# shared-memory collectives: beside another engine (pytest-xdist's other worker) each took
-# ~2.5x as long (50 s alone, 110-130 s in the suite, 2-core box). So they run alone, while
-# single-worker engines may run two at a time. Servers take no slot: a module-scoped
-# server may still be up when its worker reaches a TP test, which would then wait on
-# itself.
-ENGINE_LOCK = Path(tempfile.gettempdir()) / "vllm-bnb-mm-engines.lock"
-
-
-@contextmanager
-def _engine_slot(world_size: int):
-    with open(ENGINE_LOCK, "a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX if world_size > 1 else fcntl.LOCK_SH)
-        yield  # closing the file releases the lock
 
 
 def _world_size(llm_kwargs: dict) -> int:
