@@ -111,7 +111,7 @@ def test_amx_kernel_is_the_product_with_bitsandbytes_dequantized_weight(
     (None, True), ("AVX512_CORE_BF16", False), ("AVX512_CORE_AMX", True), ("ALL", True),
 ])
 def test_paths_follow_the_isa_onednn_may_use(monkeypatch, cap, amx_expected):
-    """With AMX (and not capped off): fused up to 2 tokens, the AMX kernel from 3, oneDNN's
+    """With AMX (and not capped off): fused up to 15 tokens, the AMX kernel from 16, oneDNN's
     GEMM from 512; without: fused up to 127, oneDNN's GEMM from 128 (the crossovers
     measured by scripts/cpu_crossover.py, notes/performance.md)."""
     if cap is None:
@@ -121,7 +121,7 @@ def test_paths_follow_the_isa_onednn_may_use(monkeypatch, cap, amx_expected):
     monkeypatch.delenv("DNNL_MAX_CPU_ISA", raising=False)
     cpu.amx_usable.cache_clear()
     try:
-        tokens = (1, 2, 3, 127, 128, 511, 512)
+        tokens = (1, 15, 16, 127, 128, 511, 512)
         paths = [cpu.forward_path(m) for m in tokens]
         if cpu.kernels() is None:
             assert paths == ["fused"] * len(tokens)

@@ -43,19 +43,25 @@ def request_amx_tile_state() -> None:
 # The CPU 4-bit forward has three paths, chosen by the tokens in the step (M):
 # - "fused": bitsandbytes' fused 4-bit kernel. It decodes the whole weight again for every
 #   4 rows of activations, so its cost grows linearly with M (~0.25 ms per row for
-#   6144 x 1536, one thread); the fastest at M = 1, and the only one for float32 models.
+#   6144 x 1536, one thread); the fastest at M = 1-2, the only one for float32 models.
 # - "amx": our AMX kernel (cpu_kernels.c, gemm_4bit_amx) decodes the weight once per step
-#   into AMX tiles: ~flat in M up to 16, and faster than a bf16 GEMM up to M ~ 256.
+#   into AMX tiles: ~flat in M up to 16, and faster than a bf16 GEMM up to M ~ 256;
+#   products bit-identical to the "gemm" path's.
 # - "gemm": dequantize into a scratch buffer, then oneDNN's bf16 GEMM.
 # Measured with scripts/cpu_crossover.py (one thread, min over repetitions, four shapes;
 # results/bench/crossover.json, notes/performance.md). Every path's cost scales with the
 # weight's size, so the crossovers depend on the ISA, not on the shape:
 # - AMX: the AMX kernel beats the fused one from M = 3-4 (2 on the smallest shape) and
-#   oneDNN's GEMM up to M = 256-512 (~1.2x at 512 on two shapes, ~0.95x on the other two);
+#   oneDNN's GEMM up to M = 256-512 (~1.2x at 512 on two shapes, ~0.95x on the other two).
+#   It starts at 16 all the same, where the GEMM path did: like the GEMM path it rounds
+#   each dequantized weight to bf16, and its arithmetic differs from the fused kernel's
+#   (what transformers runs); a tiny random Gemma 4 audio tower run on 13 frames through
+#   it (bit-identical to the GEMM path there) moved an audio placeholder's logprob by 2.8
+#   against HF;
 # - AVX512-BF16 without AMX (oneDNN capped at AVX512_CORE_BF16): oneDNN's bf16 GEMM runs
 #   at ~0.2 ms per row, about the fused kernel's rate, so the dequantization pays back
 #   from M = 64-128 (and wins by up to 25 % at 512).
-AMX_MIN_TOKENS = 3
+AMX_MIN_TOKENS = 16
 AMX_GEMM_MIN_TOKENS = 512
 GEMM_MIN_TOKENS_AVX512 = 128
 
