@@ -50,13 +50,30 @@ static inline __m512 bf16x16_to_f32(const uint16_t *p) {
         _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p)), 16));
 }
 
+/* The 32 bytes of one column pair kp of a 32-row block, as float32 code values: lane j of
+ * `even` / `odd` is column 2 kp / 2 kp + 1 of rows j (`*_lo`) and 16 + j (`*_hi`). */
+struct pair_values {
+    __m512 even_lo, even_hi, odd_lo, odd_hi;
+};
+
+static inline struct pair_values decode_pair(const uint8_t *src, __m512 lut) {
+    const __m512i nibble = _mm512_set1_epi32(0xF);
+    /* 16 lanes, lane j = bytes 2j, 2j + 1: 4 nibbles. */
+    const __m512i q = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)src));
+    struct pair_values v;
+    v.even_lo = _mm512_permutexvar_ps(_mm512_and_si512(q, nibble), lut);
+    v.even_hi = _mm512_permutexvar_ps(_mm512_and_si512(_mm512_srli_epi32(q, 4), nibble), lut);
+    v.odd_lo = _mm512_permutexvar_ps(_mm512_and_si512(_mm512_srli_epi32(q, 8), nibble), lut);
+    v.odd_hi = _mm512_permutexvar_ps(_mm512_srli_epi32(q, 12), lut);
+    return v;
+}
+
 /* Columns [32 nb0, 32 nb1) of W^T, as bf16 [K][32 (nb1 - nb0)], from the kernel layout.
  * W^T because a column pair of 32 rows is 2 x 64 contiguous bytes of it. */
 void dequantize_t(const uint8_t *kernel, const uint16_t *scales, const float *code,
                   uint16_t *out, int64_t n, int64_t k, int64_t blocksize, int64_t nb0,
                   int64_t nb1) {
     const __m512 lut = _mm512_loadu_ps(code);
-    const __m512i nibble = _mm512_set1_epi32(0xF);
     const int64_t ld = (nb1 - nb0) * 32;
     for (int64_t kp = 0; kp < k / 2; ++kp) {
         const uint16_t *s = scales + (2 * kp / blocksize) * n;
@@ -64,19 +81,11 @@ void dequantize_t(const uint8_t *kernel, const uint16_t *scales, const float *co
         for (int64_t nb = nb0; nb < nb1; ++nb, even += 32, odd += 32) {
             const __m512 s_lo = bf16x16_to_f32(s + nb * 32);
             const __m512 s_hi = bf16x16_to_f32(s + nb * 32 + 16);
-            /* 16 lanes, lane j = bytes 2j, 2j + 1 of the tile: 4 nibbles. */
-            const __m512i q = _mm512_cvtepu16_epi32(
-                _mm256_loadu_si256((const __m256i *)(kernel + (nb * (k / 2) + kp) * 32)));
-            const __m512 e_lo = _mm512_permutexvar_ps(_mm512_and_si512(q, nibble), lut);
-            const __m512 e_hi = _mm512_permutexvar_ps(
-                _mm512_and_si512(_mm512_srli_epi32(q, 4), nibble), lut);
-            const __m512 o_lo = _mm512_permutexvar_ps(
-                _mm512_and_si512(_mm512_srli_epi32(q, 8), nibble), lut);
-            const __m512 o_hi = _mm512_permutexvar_ps(_mm512_srli_epi32(q, 12), lut);
-            _mm512_storeu_si512(even, (__m512i)_mm512_cvtne2ps_pbh(_mm512_mul_ps(e_hi, s_hi),
-                                                                   _mm512_mul_ps(e_lo, s_lo)));
-            _mm512_storeu_si512(odd, (__m512i)_mm512_cvtne2ps_pbh(_mm512_mul_ps(o_hi, s_hi),
-                                                                  _mm512_mul_ps(o_lo, s_lo)));
+            const struct pair_values v = decode_pair(kernel + (nb * (k / 2) + kp) * 32, lut);
+            _mm512_storeu_si512(even, (__m512i)_mm512_cvtne2ps_pbh(_mm512_mul_ps(v.even_hi, s_hi),
+                                                                   _mm512_mul_ps(v.even_lo, s_lo)));
+            _mm512_storeu_si512(odd, (__m512i)_mm512_cvtne2ps_pbh(_mm512_mul_ps(v.odd_hi, s_hi),
+                                                                  _mm512_mul_ps(v.odd_lo, s_lo)));
         }
     }
 }
@@ -119,19 +128,12 @@ static void configure_tiles(int rows) {
 static inline void decode_tiles(const uint8_t *src, const uint16_t *s, __m512 lut,
                                 __m512i interleave, uint16_t *b) {
     const __m512 s_lo = bf16x16_to_f32(s), s_hi = bf16x16_to_f32(s + 16);
-    const __m512i nibble = _mm512_set1_epi32(0xF);
     for (int r = 0; r < 16; ++r) {
-        const __m512i q = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(src + 32 * r)));
-        const __m512 e_lo = _mm512_permutexvar_ps(_mm512_and_si512(q, nibble), lut);
-        const __m512 e_hi = _mm512_permutexvar_ps(
-            _mm512_and_si512(_mm512_srli_epi32(q, 4), nibble), lut);
-        const __m512 o_lo = _mm512_permutexvar_ps(
-            _mm512_and_si512(_mm512_srli_epi32(q, 8), nibble), lut);
-        const __m512 o_hi = _mm512_permutexvar_ps(_mm512_srli_epi32(q, 12), lut);
-        const __m512i lo = (__m512i)_mm512_cvtne2ps_pbh(_mm512_mul_ps(o_lo, s_lo),
-                                                        _mm512_mul_ps(e_lo, s_lo));
-        const __m512i hi = (__m512i)_mm512_cvtne2ps_pbh(_mm512_mul_ps(o_hi, s_hi),
-                                                        _mm512_mul_ps(e_hi, s_hi));
+        const struct pair_values v = decode_pair(src + 32 * r, lut);
+        const __m512i lo = (__m512i)_mm512_cvtne2ps_pbh(_mm512_mul_ps(v.odd_lo, s_lo),
+                                                        _mm512_mul_ps(v.even_lo, s_lo));
+        const __m512i hi = (__m512i)_mm512_cvtne2ps_pbh(_mm512_mul_ps(v.odd_hi, s_hi),
+                                                        _mm512_mul_ps(v.even_hi, s_hi));
         _mm512_store_si512(b + 32 * r, _mm512_permutexvar_epi16(interleave, lo));
         _mm512_store_si512(b + 512 + 32 * r, _mm512_permutexvar_epi16(interleave, hi));
     }
