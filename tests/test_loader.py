@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import gc
 import logging
+import weakref
 
 import pytest
 import torch
@@ -12,7 +14,7 @@ from vllm.config.load import LoadConfig
 
 from bnb_files import packed_4bit_tensors, packed_8bit_tensors, write
 from vllm_bnb_mm.checkpoint import CheckpointError, scan_checkpoint
-from vllm_bnb_mm.loader import BnbModelLoader
+from vllm_bnb_mm.loader import BnbModelLoader, frozen_gc_heap
 
 
 class PlainModel(nn.Module):
@@ -174,3 +176,70 @@ def test_packed_tensor_with_a_name_the_model_does_not_know_is_an_error(tmp_path)
     expected = r"m\.safetensors: 1 packed .* \(e\.g\. 'layers\.0\.extra\.weight'\)"
     with pytest.raises(CheckpointError, match=expected):
         _loader(path).load_weights(LayerCountOverrideModel([Layer()]), None)
+
+
+def _rss_file_kib() -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("RssFile:"))
+
+
+class RssWatchingModel(PlainModel):
+    """Records the process's file-backed RSS after each tensor it loads."""
+
+    def load_weights(self, weights):
+        self.rss_file = []
+
+        def watched():
+            for name, tensor in weights:
+                yield name, tensor
+                self.rss_file.append(_rss_file_kib())
+
+        return super().load_weights(watched())
+
+
+def test_file_pages_already_copied_leave_the_process_during_the_load(tmp_path):
+    # 8 plain tensors of 4 MiB: without giving copied pages back, the whole 32 MiB file
+    # stays mapped into the process on top of the parameters until the file is done.
+    shapes = {f"w{i}": (1024, 1024) for i in range(8)}
+    tensors = {f"{n}.weight": torch.full(s, float(i)) for i, (n, s) in enumerate(shapes.items())}
+    path = write(tmp_path / "m.safetensors", tensors)
+    model = RssWatchingModel(shapes)
+    before = _rss_file_kib()
+    _loader(path).load_weights(model, None)
+    growth_mib = (max(model.rss_file) - before) / 1024
+    assert growth_mib < 12, f"file-backed RSS grew {growth_mib:.1f} MiB while loading 32 MiB"
+    for i, name in enumerate(shapes):  # every byte still arrived
+        assert torch.equal(getattr(model, name), torch.full(shapes[name], float(i)))
+
+
+class _Cycle:
+    def __init__(self) -> None:
+        self.me = self
+
+
+def test_gc_passes_while_loading_walk_only_what_loading_made_and_lose_nothing():
+    gc.collect()
+    before = _Cycle()  # garbage made before loading: left for a later collection
+    old = weakref.ref(before)
+    del before
+    with frozen_gc_heap():
+        assert gc.get_freeze_count() > 0
+        during = _Cycle()  # loading's garbage: collected by vLLM's passes
+        new = weakref.ref(during)
+        del during
+        gc.collect()
+        assert new() is None and old() is not None
+    assert gc.get_freeze_count() == 0
+    gc.collect()
+    assert old() is None
+
+
+def test_a_heap_frozen_before_loading_stays_frozen():
+    gc.freeze()
+    try:
+        frozen = gc.get_freeze_count()
+        with frozen_gc_heap():
+            pass
+        assert gc.get_freeze_count() >= frozen > 0
+    finally:
+        gc.unfreeze()

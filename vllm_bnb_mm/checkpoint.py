@@ -379,6 +379,7 @@ class FileReader:
     def __init__(self) -> None:
         self._buffers: dict[str, torch.Tensor] = {}
         self._maps: dict[str, mmap.mmap] = {}
+        self._done: dict[str, int] = {}  # path -> bytes [0, n) already given back
 
     def buffer(self, path: str) -> torch.Tensor:
         buf = self._buffers.get(path)
@@ -400,11 +401,27 @@ class FileReader:
             raw = raw.clone()  # unaligned data cannot be viewed as a wider dtype
         return raw.view(info.dtype).reshape(info.shape)
 
+    def done_before(self, path: str, end: int) -> None:
+        """The caller has copied everything it needs from the file's bytes [0, end): unmap
+        those pages from this process (MADV_DONTNEED), so RSS holds the parameters plus
+        the part of the file being copied, not the whole file on top of them. The data
+        stays in the page cache, and views into that range that are still alive (e.g. a
+        float32 absmax) read the same bytes again from the file: this is a private
+        mapping nobody writes to, so dropping a page loses nothing."""
+        mapped = self._maps.get(path)
+        start = self._done.get(path, 0)
+        stop = end // mmap.PAGESIZE * mmap.PAGESIZE
+        if mapped is None or stop <= start:
+            return
+        mapped.madvise(mmap.MADV_DONTNEED, start, stop - start)
+        self._done[path] = stop
+
     def release(self, path: str) -> None:
         # Views handed out may still be referenced by the model (e.g. tensors it kept);
         # dropping our references lets the mapping close when the last view dies.
         self._buffers.pop(path, None)
         self._maps.pop(path, None)
+        self._done.pop(path, None)
 
 
 def iter_files_in_order(layout: CheckpointLayout) -> Iterator[tuple[str, list[TensorInfo]]]:

@@ -9,6 +9,8 @@ Every checkpoint tensor goes to the parameter the model's own `load_weights` pic
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import glob
 import hashlib
 import json
@@ -58,7 +60,8 @@ class BnbModelLoader(BaseModelLoader):
             kinds = vllm_module_kinds(self._layout, getattr(model_cls, "hf_to_vllm_mapper", None))
             quant_config.set_module_kinds(kinds)
             warn_skip_list_disagreements(quant_config, kinds)
-        return super().load_model(vllm_config, model_config, prefix)
+        with frozen_gc_heap():
+            return super().load_model(vllm_config, model_config, prefix)
 
     def load_weights(self, model: nn.Module, model_config: ModelConfig) -> None:
         layout = getattr(self, "_layout", None)
@@ -112,6 +115,27 @@ class BnbModelLoader(BaseModelLoader):
                 quant_config.pre_quantized, quant_config.kind, quant_config.declared_kind
             )
         check_quantization_matches(layout, files, declared)
+
+
+@contextlib.contextmanager
+def frozen_gc_heap() -> Iterator[None]:
+    """vLLM's `load_model` runs two full `gc.collect()` passes (after `load_weights` and
+    after `process_weights_after_loading`) to free loading's transient tensors. Each walks
+    every Python object of the process (vLLM, torch and transformers' modules: most of a
+    small model's `load_model`), though only objects made while loading can be loading's
+    garbage. Freezing the heap that exists before loading, as vLLM does itself around
+    CUDA graph capture, makes those passes walk only the objects loading makes. Nothing
+    is lost: unfreezing returns the rest to the oldest generation for later collections.
+    Where something froze the heap already (vLLM does after start-up; a weight reload
+    comes later), it is left as it is: unfreezing would undo that freeze too."""
+    if gc.get_freeze_count():
+        yield
+        return
+    gc.freeze()
+    try:
+        yield
+    finally:
+        gc.unfreeze()
 
 
 ALLOW_PICKLE_ENV = "VLLM_BNB_ALLOW_PICKLE"
@@ -283,6 +307,7 @@ def checkpoint_weights(
                 PACKED.add(PackedTensor(info.name, path, kind, state, tensor))
             PACKED.note_yielded(info.name, tensor)
             yield info.name, tensor
+            reader.done_before(path, info.end)
         reader.release(path)
 
 
