@@ -124,18 +124,31 @@ static void configure_tiles(int rows) {
 }
 
 /* Columns 32 kt .. 32 kt + 31 of rows 32 nb .. 32 nb + 31 into two B tiles (512 bf16
- * each: rows n < 16, then rows n >= 16). */
+ * each: rows n < 16, then rows n >= 16). Byte 2j + c of a column pair holds column c of
+ * rows j (low nibble) and 16 + j (high nibble): in byte order, the nibbles already are a
+ * B tile row in VNNI order (16 rows n, each the pair c = 0, 1), so each byte is widened to
+ * one float32 lane and the scales are spread to match (lane 2j + c: row j's scale). */
 static inline void decode_tiles(const uint8_t *src, const uint16_t *s, __m512 lut,
-                                __m512i interleave, uint16_t *b) {
+                                uint16_t *b) {
+    const __m512i first = _mm512_set_epi32(7, 7, 6, 6, 5, 5, 4, 4, 3, 3, 2, 2, 1, 1, 0, 0);
+    const __m512i second = _mm512_add_epi32(first, _mm512_set1_epi32(8));
     const __m512 s_lo = bf16x16_to_f32(s), s_hi = bf16x16_to_f32(s + 16);
-    for (int r = 0; r < 16; ++r) {
-        const struct pair_values v = decode_pair(src + 32 * r, lut);
-        const __m512i lo = (__m512i)_mm512_cvtne2ps_pbh(_mm512_mul_ps(v.odd_lo, s_lo),
-                                                        _mm512_mul_ps(v.even_lo, s_lo));
-        const __m512i hi = (__m512i)_mm512_cvtne2ps_pbh(_mm512_mul_ps(v.odd_hi, s_hi),
-                                                        _mm512_mul_ps(v.even_hi, s_hi));
-        _mm512_store_si512(b + 32 * r, _mm512_permutexvar_epi16(interleave, lo));
-        _mm512_store_si512(b + 512 + 32 * r, _mm512_permutexvar_epi16(interleave, hi));
+    const __m512 lo0 = _mm512_permutexvar_ps(first, s_lo);
+    const __m512 lo1 = _mm512_permutexvar_ps(second, s_lo);
+    const __m512 hi0 = _mm512_permutexvar_ps(first, s_hi);
+    const __m512 hi1 = _mm512_permutexvar_ps(second, s_hi);
+    const __m512i nibble = _mm512_set1_epi32(0xF);
+    for (int r = 0; r < 16; ++r, src += 32) {
+        const __m512i q0 = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)src));
+        const __m512i q1 = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(src + 16)));
+        const __m512 w0 = _mm512_permutexvar_ps(_mm512_and_si512(q0, nibble), lut);
+        const __m512 w1 = _mm512_permutexvar_ps(_mm512_and_si512(q1, nibble), lut);
+        const __m512 v0 = _mm512_permutexvar_ps(_mm512_srli_epi32(q0, 4), lut);
+        const __m512 v1 = _mm512_permutexvar_ps(_mm512_srli_epi32(q1, 4), lut);
+        _mm512_store_si512(b + 32 * r, (__m512i)_mm512_cvtne2ps_pbh(_mm512_mul_ps(w1, lo1),
+                                                                   _mm512_mul_ps(w0, lo0)));
+        _mm512_store_si512(b + 512 + 32 * r, (__m512i)_mm512_cvtne2ps_pbh(
+                                                 _mm512_mul_ps(v1, hi1), _mm512_mul_ps(v0, hi0)));
     }
 }
 
@@ -154,7 +167,7 @@ static inline void store_rows(uint16_t *out, int64_t n, int64_t m0, int rows, in
 /* Rows of W nb0 .. (32 rows a block) against every row of x; `work` holds 32 x k bf16
  * (64-byte aligned) when m > 16, 1024 otherwise. */
 static void gemm_blocks(const uint16_t *x, const uint8_t *kernel, const uint16_t *scales,
-                        __m512 lut, __m512i interleave, uint16_t *out, uint16_t *work,
+                        __m512 lut, uint16_t *out, uint16_t *work,
                         int64_t m, int64_t n, int64_t k, int64_t blocksize, int64_t nb) {
     const int64_t kt_count = k / 32;
     const uint8_t *w = kernel + nb * (k / 2) * 32;
@@ -163,8 +176,7 @@ static void gemm_blocks(const uint16_t *x, const uint8_t *kernel, const uint16_t
         _tile_zero(0);
         _tile_zero(1);
         for (int64_t kt = 0; kt < kt_count; ++kt) {
-            decode_tiles(w + kt * 512, scales + (32 * kt / blocksize) * n + 32 * nb, lut,
-                         interleave, work);
+            decode_tiles(w + kt * 512, scales + (32 * kt / blocksize) * n + 32 * nb, lut, work);
             _tile_loadd(2, x + 32 * kt, k * 2);
             _tile_loadd(3, work, 64);
             _tile_loadd(4, work + 512, 64);
@@ -178,7 +190,7 @@ static void gemm_blocks(const uint16_t *x, const uint8_t *kernel, const uint16_t
      * tile shapes change for a last partial tile of rows and back for the next block. */
     for (int64_t kt = 0; kt < kt_count; ++kt)
         decode_tiles(w + kt * 512, scales + (32 * kt / blocksize) * n + 32 * nb, lut,
-                     interleave, work + kt * 1024);
+                     work + kt * 1024);
     for (int64_t m0 = 0; m0 < m; m0 += 16) {
         const int rows = m - m0 < 16 ? (int)(m - m0) : 16;
         if (rows < 16) configure_tiles(rows);
@@ -204,12 +216,6 @@ int gemm_4bit_amx(const uint16_t *x, const uint8_t *kernel, const uint16_t *scal
                   const float *code, uint16_t *out, int64_t m, int64_t n, int64_t k,
                   int64_t blocksize) {
     const __m512 lut = _mm512_loadu_ps(code);
-    uint16_t idx[32];
-    for (int j = 0; j < 16; ++j) {
-        idx[2 * j] = (uint16_t)j;
-        idx[2 * j + 1] = (uint16_t)(16 + j);
-    }
-    const __m512i interleave = _mm512_loadu_si512(idx);
     int failed = 0;
 #pragma omp parallel
     {
@@ -226,7 +232,7 @@ int gemm_4bit_amx(const uint16_t *x, const uint8_t *kernel, const uint16_t *scal
         } else if (nb0 < nb1) {
             configure_tiles(m < 16 ? (int)m : 16);
             for (int64_t nb = nb0; nb < nb1; ++nb)
-                gemm_blocks(x, kernel, scales, lut, interleave, out, work, m, n, k, blocksize, nb);
+                gemm_blocks(x, kernel, scales, lut, out, work, m, n, k, blocksize, nb);
             _tile_release();
         }
         if (work != small) free(work);
