@@ -55,9 +55,9 @@ def request_amx_tile_state() -> None:
 #   oneDNN's GEMM up to M = 256-512 (~1.2x at 512 on two shapes, ~0.95x on the other two).
 #   It starts at 16 all the same, where the GEMM path did: like the GEMM path it rounds
 #   each dequantized weight to bf16, and its arithmetic differs from the fused kernel's
-#   (what transformers runs); a tiny random Gemma 4 audio tower run on 13 frames through
-#   it (bit-identical to the GEMM path there) moved an audio placeholder's logprob by 2.8
-#   against HF;
+#   (what transformers runs); a tiny random audio encoder run on 13 frames through it
+#   (bit-identical to the GEMM path there) moved an audio placeholder's logprob by 2.8
+#   against HF (the case is in notes/performance.md);
 # - AVX512-BF16 without AMX (oneDNN capped at AVX512_CORE_BF16): oneDNN's bf16 GEMM runs
 #   at ~0.2 ms per row, about the fused kernel's rate, so the dequantization pays back
 #   from M = 64-128 (and wins by up to 25 % at 512).
