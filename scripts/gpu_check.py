@@ -26,7 +26,6 @@ Usage: python scripts/gpu_check.py [--device cuda] [--out FILE]
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import sys
 import tempfile
@@ -37,10 +36,13 @@ from pathlib import Path
 import bitsandbytes as bnb
 import torch
 from bitsandbytes import functional as bnbf
+from bitsandbytes.functional import QuantState
 from safetensors.torch import save_file
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
+from bnb_files import packed_4bit_tensors, packed_8bit_tensors  # noqa: E402
 from vllm_bnb_mm import quant_state as qs  # noqa: E402
 from vllm_bnb_mm.checkpoint import FileReader, scan_checkpoint  # noqa: E402
 
@@ -52,29 +54,30 @@ TOLERANCE = {torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
 
 
 def write_checkpoint(path: Path, weights: dict[str, tuple[torch.Tensor, dict]], device: str):
-    """Quantize each weight on `device` as transformers + bitsandbytes do and save it."""
+    """Quantize each weight on `device` as transformers + bitsandbytes do (tests/bnb_files)
+    and save it; returns the float64 weights bitsandbytes dequantizes them to."""
     tensors, reference = {}, {}
     for name, (weight, how) in weights.items():
         w = weight.to(device)
         if how["kind"] == "8bit":
-            cb, scb, _ = bnbf.int8_vectorwise_quant(w.to(torch.float16))
-            tensors[f"{name}.weight"] = cb
-            tensors[f"{name}.SCB"] = scb.float()
-            tensors[f"{name}.weight_format"] = torch.tensor(0, dtype=torch.uint8)
+            tensors |= packed_8bit_tensors(name, w)
+            cb, scb = tensors[f"{name}.weight"], tensors[f"{name}.SCB"]
             reference[name] = cb.double() * scb.double().unsqueeze(1) / 127
             continue
-        packed, state = bnbf.quantize_4bit(
-            w, blocksize=how["blocksize"], quant_type=how["quant_type"],
-            compress_statistics=how["double_quant"],
+        tensors |= packed_4bit_tensors(
+            name, w, how["quant_type"], how["double_quant"], how["blocksize"]
         )
-        tensors[f"{name}.weight"] = packed
-        for key, value in state.as_dict(packed=True).items():
-            tensors[f"{name}.weight.{key}"] = value
-        # bitsandbytes' own dequantization of what was saved, blocks running over the
-        # flattened weight (its CUDA kernel does so at any shape; its CPU one needs 1-D).
-        flat = copy.copy(state)
-        flat.shape = torch.Size([w.numel()])
-        reference[name] = bnbf.dequantize_4bit(packed, flat).double().reshape(w.shape)
+        # bitsandbytes' own reading and dequantization of what is saved, blocks running
+        # over the flattened weight (its CUDA kernel does so at any shape; its CPU one
+        # needs 1-D).
+        prefix = f"{name}.weight."
+        state = QuantState.from_dict(
+            {k.removeprefix(prefix): v for k, v in tensors.items() if k.startswith(prefix)},
+            device=w.device,
+        )
+        state.shape = torch.Size([w.numel()])
+        packed = tensors[f"{name}.weight"]
+        reference[name] = bnbf.dequantize_4bit(packed, state).double().reshape(w.shape)
     save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, str(path))
     return reference
 
