@@ -1,9 +1,10 @@
-"""Where the CPU 4-bit forward should switch from bitsandbytes' fused kernel to
-dequantize + bf16 GEMM: a one-thread micro-benchmark over the tokens in a step (M).
+"""Where the CPU 4-bit forward should switch between bitsandbytes' fused kernel, our
+kernels and dequantize + bf16 GEMM: a one-thread micro-benchmark over the tokens in a step
+(M).
 
 Usage::
 
-    .venv/bin/python scripts/cpu_crossover.py [--reps 15] [--json out.json]
+    .venv/bin/python scripts/cpu_crossover.py [--reps 15] [--json out.json] [--isa NAME]
 
 Runs itself twice in fresh processes: oneDNN as it comes (AMX where the CPU has it), and
 oneDNN capped with ONEDNN_MAX_CPU_ISA=AVX512_CORE_BF16 (the ISA of AVX512-BF16 CPUs
@@ -14,6 +15,8 @@ shared box; min of wall time is printed beside it):
 
 - fused: `bitsandbytes.matmul_4bit` on the repacked weight (its AVX512-BF16 kernel);
 - amx: vllm_bnb_mm's AMX kernel (decode into AMX tiles once per call), where AMX is usable;
+- avx512: vllm_bnb_mm's AVX512-BF16 kernel (the same decode, VDPBF16PS dot products), the
+  one CPUs without AMX run;
 - gemm: vllm_bnb_mm's dequantize-into-scratch + `torch.matmul` (oneDNN);
 - bf16: vLLM's own bf16 linear (oneDNN matmul on a prepacked bf16 weight), for reference.
 """
@@ -80,11 +83,14 @@ def child(reps: int) -> dict:
             gemm = _time(reps, cpu.dequantize_and_gemm, x, kernel, kstate)
             amx = (_time(reps, cpu.gemm_4bit_amx, x, kernel, kstate.absmax, kstate.code, n, k,
                          kstate.blocksize) if cpu.amx_usable() else None)
+            avx512 = _time(reps, cpu.gemm_4bit_avx512, x, kernel, kstate.absmax, kstate.code,
+                           n, k, kstate.blocksize)
             bf16 = _time(reps, dense, x)
             rows.append({"n": n, "k": k, "m": m, "fused_ms": fused, "amx_ms": amx,
-                         "gemm_ms": gemm, "bf16_ms": bf16})
+                         "avx512_ms": avx512, "gemm_ms": gemm, "bf16_ms": bf16})
             amx_text = f"amx {amx[0]:7.2f}  " if amx else ""
-            print(f"  {n}x{k} M={m:4d}  fused {fused[0]:7.2f}  {amx_text}gemm {gemm[0]:7.2f}  "
+            print(f"  {n}x{k} M={m:4d}  fused {fused[0]:7.2f}  {amx_text}"
+                  f"avx512 {avx512[0]:7.2f}  gemm {gemm[0]:7.2f}  "
                   f"bf16 {bf16[0]:7.2f} ms (cpu; wall {fused[1]:.2f} {gemm[1]:.2f} "
                   f"{bf16[1]:.2f})", file=sys.stderr, flush=True)
     return {"rows": rows, "load": os.getloadavg()}
@@ -112,7 +118,7 @@ def crossover(rows: list[dict]) -> dict[str, dict[str, int | None]]:
     out = {}
     for n, k in SHAPES:
         mine = sorted((r for r in rows if (r["n"], r["k"]) == (n, k)), key=lambda r: r["m"])
-        pairs = [("fused", "gemm")]
+        pairs = [("fused", "gemm"), ("fused", "avx512"), ("avx512", "gemm")]
         if mine[0]["amx_ms"] is not None:
             pairs += [("fused", "amx"), ("amx", "gemm")]
         out[f"{n}x{k}"] = {f"{a}->{b}": _switch(mine, a, b) for a, b in pairs}
@@ -123,6 +129,8 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--reps", type=int, default=15)
     p.add_argument("--json", type=Path)
+    p.add_argument("--isa", choices=sorted(ISAS), action="append",
+                   help="only this oneDNN ISA setting (repeatable; default: all)")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
@@ -130,6 +138,8 @@ def main() -> int:
         return 0
     report = {"date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "reps": args.reps, "isas": {}}
     for name, cap in ISAS.items():
+        if args.isa and name not in args.isa:
+            continue
         env = dict(os.environ, ONEDNN_VERBOSE="1")
         if cap:
             env["ONEDNN_MAX_CPU_ISA"] = cap

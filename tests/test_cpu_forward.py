@@ -1,13 +1,13 @@
-"""The CPU 4-bit forward's three paths: bitsandbytes' fused kernel for one token, our AMX
-kernel for a few (AMX CPUs), dequantize + bf16 GEMM for many (vllm_bnb_mm/cpu.py,
-cpu_kernels.c).
+"""The CPU 4-bit forward's paths: bitsandbytes' fused kernel for a few tokens, our AMX
+kernel (AMX CPUs) or AVX512-BF16 kernel (the others) from 16, dequantize + bf16 GEMM for
+many (vllm_bnb_mm/cpu.py, cpu_kernels.c).
 
 The C routines move bytes and compute bitsandbytes' own dequantization; they are checked
-bit for bit against bitsandbytes, and the AMX kernel against a float64 product of that
-dequantized weight. Then one real engine runs a long and a short prompt (GEMM and, on AMX,
-AMX kernel for the prefills of a bf16 engine, fused kernel for the decode) against the HF
-reference of the same checkpoint. A float32 engine keeps the fused kernel
-(tests/test_linear_layers.py).
+bit for bit against bitsandbytes, and our kernels against a float64 product of that
+dequantized weight. Then real engines run a long and a short prompt (GEMM and our kernel
+for the prefills of a bf16 engine, fused kernel for the decode) against the HF reference
+of the same checkpoint; on AMX CPUs a second engine with oneDNN capped below AMX runs the
+AVX512-BF16 kernel. A float32 engine keeps the fused kernel (tests/test_linear_layers.py).
 """
 
 from __future__ import annotations
@@ -66,23 +66,29 @@ def test_a_compiler_failure_falls_back_with_a_warning(tmp_path, monkeypatch):
     assert not list((tmp_path / "cache").rglob("*.so"))
 
 
-needs_amx_kernel = pytest.mark.skipif(
-    not bnbf.has_avx512bf16() or cpu.kernels() is None or not cpu.amx_usable(),
-    reason="no AMX on this CPU (or our AMX kernel was not built)",
-)
+def _our_kernel(name: str):
+    """cpu.gemm_4bit_amx or cpu.gemm_4bit_avx512, or a skip where this CPU cannot run it."""
+    if not bnbf.has_avx512bf16() or cpu.kernels() is None:
+        pytest.skip("bitsandbytes' AVX512-BF16 CPU kernel layout (and our C routines) not "
+                    "available")
+    if name == "amx" and not cpu.amx_usable():
+        pytest.skip("no AMX on this CPU (or our AMX kernel was not built)")
+    return {"amx": cpu.gemm_4bit_amx, "avx512": cpu.gemm_4bit_avx512}[name]
 
 
-@needs_amx_kernel
+@pytest.mark.parametrize("kernel_name", ["amx", "avx512"])
 @pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
 @pytest.mark.parametrize("shape,blocksize", [((64, 128), 64), ((96, 256), 32),
                                              ((256, 1024), 256), ((160, 4096), 128)])
-@pytest.mark.parametrize("m", [1, 3, 16, 17, 40])
-def test_amx_kernel_is_the_product_with_bitsandbytes_dequantized_weight(
-    quant_type, shape, blocksize, m
+@pytest.mark.parametrize("m", [1, 3, 16, 17, 40, 70])
+def test_our_kernels_are_the_product_with_bitsandbytes_dequantized_weight(
+    kernel_name, quant_type, shape, blocksize, m
 ):
     """Every output is x @ W^T for W = bitsandbytes' bf16 dequantization, summed in float32
     and rounded once to bf16: within half a bf16 step of the float64 product, plus the
-    float32 sum's rounding. The same bits whatever the number of threads."""
+    float32 sum's rounding. The same bits whatever the number of threads. 70 rows: more
+    than one chunk of rows in both kernels, and a partial last one."""
+    gemm = _our_kernel(kernel_name)
     n, k = shape
     g = torch.Generator().manual_seed(n + k + m)
     w = torch.randn(n, k, generator=g) * 0.05
@@ -97,8 +103,7 @@ def test_amx_kernel_is_the_product_with_bitsandbytes_dequantized_weight(
     try:
         for t in (1, 2):
             torch.set_num_threads(t)
-            outs.append(cpu.gemm_4bit_amx(x, kernel, kstate.absmax, kstate.code, n, k,
-                                          blocksize))
+            outs.append(gemm(x, kernel, kstate.absmax, kstate.code, n, k, blocksize))
     finally:
         torch.set_num_threads(threads)
     got = outs[0].double()
@@ -111,9 +116,9 @@ def test_amx_kernel_is_the_product_with_bitsandbytes_dequantized_weight(
     (None, True), ("AVX512_CORE_BF16", False), ("AVX512_CORE_AMX", True), ("ALL", True),
 ])
 def test_paths_follow_the_isa_onednn_may_use(monkeypatch, cap, amx_expected):
-    """With AMX (and not capped off): fused up to 15 tokens, the AMX kernel from 16, oneDNN's
-    GEMM from 512; without: fused up to 127, oneDNN's GEMM from 128 (the crossovers
-    measured by scripts/cpu_crossover.py, notes/performance.md)."""
+    """Fused up to 15 tokens; from 16 the AMX kernel with AMX (and not capped off), the
+    AVX512-BF16 kernel without; oneDNN's GEMM from 512 (the crossovers measured by
+    scripts/cpu_crossover.py, notes/performance.md)."""
     if cap is None:
         monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
     else:
@@ -125,12 +130,10 @@ def test_paths_follow_the_isa_onednn_may_use(monkeypatch, cap, amx_expected):
         paths = [cpu.forward_path(m) for m in tokens]
         if cpu.kernels() is None:
             assert paths == ["fused"] * len(tokens)
-        elif amx_expected and torch.cpu._is_amx_tile_supported():
-            assert cpu.amx_usable()
-            assert paths == ["fused", "fused", "amx", "amx", "amx", "amx", "gemm"]
-        else:
-            assert not cpu.amx_usable()
-            assert paths == ["fused"] * 4 + ["gemm"] * 3
+            return
+        ours = "amx" if amx_expected and torch.cpu._is_amx_tile_supported() else "avx512"
+        assert cpu.amx_usable() == (ours == "amx")
+        assert paths == ["fused", "fused", ours, ours, ours, ours, "gemm"]
     finally:
         cpu.amx_usable.cache_clear()
 
@@ -140,8 +143,8 @@ SHORT_PROMPT_TOKENS = 48
 
 
 def _prompts(ckpt) -> list[list[int]]:
-    """A long prompt (GEMM path) and a short one with another start (AMX kernel path on
-    AMX CPUs; no prefix shared, so vLLM's prefix cache cannot shorten its prefill)."""
+    """A long prompt (GEMM path) and a short one with another start (our kernel's path;
+    no prefix shared, so vLLM's prefix cache cannot shorten its prefill)."""
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(ckpt)
@@ -166,24 +169,31 @@ def _hf_reference(ckpt, ids: list[int]) -> dict:
     return reference_for_case(model, inputs, torch.bfloat16)
 
 
-# bf16 engine vs HF's bf16 run: the GEMM and AMX paths round where the fused kernel does
-# not (measured 0.056 on an AMX Xeon); a wrong scale, shard or layout is off by 1 and more.
+# bf16 engine vs HF's bf16 run: the GEMM path and our kernels round where the fused kernel
+# does not (measured 0.056-0.060 on an AMX Xeon); a wrong scale, shard or layout is off by 1
+# and more.
 TOL_BF16_PROMPT = 0.15
 
 
 @pytest.mark.engine
 @needs_cpu_kernels
-def test_long_and_short_prompts_through_every_cpu_path_match_hf(tiny):
+@pytest.mark.parametrize("onednn_cap", [None, "AVX512_CORE_BF16"])
+def test_long_and_short_prompts_through_every_cpu_path_match_hf(tiny, onednn_cap):
     """One sequence at a time (max_num_seqs=1), so each prefill is a step of its own: the
     600-token one runs every 4-bit layer through dequantize + GEMM, the 48-token one
-    through the AMX kernel on AMX CPUs (the fused kernel elsewhere); the decode steps (one
-    token) run the fused kernel. Prompt logprobs, first-token top-5 and greedy tokens,
-    held to HF's bf16 run on this CPU (the fused kernel everywhere)."""
-    assert LONG_PROMPT_TOKENS >= max(cpu.AMX_GEMM_MIN_TOKENS, cpu.GEMM_MIN_TOKENS_AVX512)
-    assert cpu.AMX_MIN_TOKENS <= SHORT_PROMPT_TOKENS < cpu.AMX_GEMM_MIN_TOKENS
+    through our AMX kernel on AMX CPUs and our AVX512-BF16 kernel elsewhere; the decode
+    steps (one token) run the fused kernel. On AMX CPUs, oneDNN capped below AMX (as on
+    CPUs without it) sends the short prompt through the AVX512-BF16 kernel instead.
+    Prompt logprobs, first-token top-5 and greedy tokens, held to HF's bf16 run on this
+    CPU (the fused kernel everywhere)."""
+    if onednn_cap and not cpu.amx_usable():
+        pytest.skip("no AMX here: the uncapped engine runs the AVX512-BF16 kernel already")
+    assert LONG_PROMPT_TOKENS >= cpu.GEMM_MIN_TOKENS
+    assert cpu.KERNEL_MIN_TOKENS <= SHORT_PROMPT_TOKENS < cpu.GEMM_MIN_TOKENS
     ckpt = tiny["llama-nf4-dq"]
     prompts = _prompts(ckpt)
-    got = run_llm(str(ckpt), prompts, load_format="bitsandbytes", dtype="bfloat16",
+    env = {"ONEDNN_MAX_CPU_ISA": onednn_cap} if onednn_cap else None
+    got = run_llm(str(ckpt), prompts, env=env, load_format="bitsandbytes", dtype="bfloat16",
                   max_num_seqs=1, max_model_len=1024)
     for name, answer, ids in zip(("long", "short"), got, prompts, strict=True):
         expected = _hf_reference(ckpt, ids)

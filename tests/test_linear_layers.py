@@ -362,7 +362,7 @@ def test_shards_fused_on_disk_split_across_two_ranks(tmp_path, monkeypatch, laye
     got = _reassemble_columns([_forward(r, x).float() for r in ranks], logical)
     torch.testing.assert_close(got, _forward(full, x).float(), rtol=2e-2, atol=2e-2)
 
-# ------------------------------------------------- CPU 4-bit forward: fused, AMX, GEMM
+# ------------------------------------------ CPU 4-bit forward: fused, our kernels, GEMM
 
 needs_cpu_kernels = pytest.mark.skipif(
     not bnbf.has_avx512bf16() or cpu.kernels() is None,
@@ -372,7 +372,7 @@ needs_cpu_kernels = pytest.mark.skipif(
 
 def _spy_paths(monkeypatch) -> dict[str, list[int]]:
     """Rows of every call that left the fused kernel, by path."""
-    calls: dict[str, list[int]] = {"gemm": [], "amx": []}
+    calls: dict[str, list[int]] = {"gemm": [], "amx": [], "avx512": []}
 
     def spy(path, real):
         def call(x, *args):
@@ -382,26 +382,44 @@ def _spy_paths(monkeypatch) -> dict[str, list[int]]:
 
     monkeypatch.setattr(cpu, "dequantize_and_gemm", spy("gemm", cpu.dequantize_and_gemm))
     monkeypatch.setattr(cpu, "gemm_4bit_amx", spy("amx", cpu.gemm_4bit_amx))
+    monkeypatch.setattr(cpu, "gemm_4bit_avx512", spy("avx512", cpu.gemm_4bit_avx512))
     return calls
 
 
+NO_CALLS = {"gemm": [], "amx": [], "avx512": []}
+
+
 def _path_boundaries() -> list[int]:
-    """Row counts on both sides of every switch between paths on this CPU."""
-    if cpu.amx_usable():
-        edges = [cpu.AMX_MIN_TOKENS, cpu.AMX_GEMM_MIN_TOKENS]
-    else:
-        edges = [cpu.GEMM_MIN_TOKENS_AVX512]
+    """Row counts on both sides of every switch between paths."""
+    edges = [cpu.KERNEL_MIN_TOKENS, cpu.GEMM_MIN_TOKENS]
     return sorted({1, *edges, *(e - 1 for e in edges), 17, edges[-1] * 2 + 3})
+
+
+@pytest.fixture(params=[None, "AVX512_CORE_BF16"], ids=["isa-as-is", "isa-no-amx"])
+def onednn_cap(request, monkeypatch):
+    """The CPU as it is, and capped below AMX (oneDNN and our kernel choice, as on CPUs
+    without AMX); the second is the first again where there is no AMX."""
+    if request.param is None:
+        monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
+    else:
+        if not cpu.amx_usable():
+            pytest.skip("no AMX here: the CPU as it is runs the AVX512-BF16 kernel already")
+        monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", request.param)
+    monkeypatch.delenv("DNNL_MAX_CPU_ISA", raising=False)
+    cpu.amx_usable.cache_clear()
+    yield request.param
+    cpu.amx_usable.cache_clear()
 
 
 @needs_cpu_kernels
 @pytest.mark.parametrize("quant_name", ["nf4-dq", "fp4"])
 @pytest.mark.parametrize("layer_kind", ["qkv", "gate_up", "row"])
 def test_cpu_forward_takes_the_path_for_its_token_count(
-    tmp_path, monkeypatch, layer_kind, quant_name
+    tmp_path, monkeypatch, layer_kind, quant_name, onednn_cap
 ):
-    """Every row count runs the path cpu.forward_path names (fused / AMX kernel / GEMM, on
-    each side of each switch) and matches bitsandbytes' own result for the checkpoint."""
+    """Every row count runs the path cpu.forward_path names (fused / our AMX or AVX512-BF16
+    kernel / GEMM, on each side of each switch) and matches bitsandbytes' own result for
+    the checkpoint."""
     quant = QUANTS[quant_name]
     make, shards = LAYERS[layer_kind]
     path, tensors = _checkpoint(tmp_path, quant, shards)
@@ -409,7 +427,7 @@ def test_cpu_forward_takes_the_path_for_its_token_count(
     assert layer.bnb_parts[0][2].packing_format_for_cpu
     calls = _spy_paths(monkeypatch)
     g = torch.Generator().manual_seed(3)
-    expected_calls: dict[str, list[int]] = {"gemm": [], "amx": []}
+    expected_calls: dict[str, list[int]] = {"gemm": [], "amx": [], "avx512": []}
     for m in _path_boundaries():
         x = torch.randn(m, shards[0][3], generator=g).to(torch.bfloat16)
         got = _forward(layer, x).float()
@@ -419,7 +437,7 @@ def test_cpu_forward_takes_the_path_for_its_token_count(
         if taken != "fused":
             expected_calls[taken] += [m] * len(layer.bnb_parts)
     assert calls == expected_calls
-    assert calls["gemm"] and (calls["amx"] or not cpu.amx_usable())
+    assert calls["gemm"] and calls["amx" if cpu.amx_usable() else "avx512"]
 
 
 @needs_cpu_kernels
@@ -435,7 +453,7 @@ def test_float32_activations_keep_the_fused_kernel_at_every_batch_size(tmp_path,
         x = torch.randn(m, shards[0][3], generator=torch.Generator().manual_seed(6))
         got = _forward(layer, x)
         assert got.dtype == torch.float32
-    assert calls == {"gemm": [], "amx": []}
+    assert calls == NO_CALLS
     torch.testing.assert_close(got, _bnb_reference(x, tensors, shards, quant).float(),
                                rtol=2e-2, atol=2e-2)
 
@@ -451,7 +469,7 @@ def test_gemm_path_dequantizes_in_bounded_blocks(tmp_path, monkeypatch):
     monkeypatch.setattr(cpu, "SCRATCH_ELEMENTS", 64 * HIDDEN)  # 8 blocks of 64 rows
     monkeypatch.setattr(cpu, "_scratch", torch.empty(0, dtype=torch.bfloat16))
     calls = _spy_paths(monkeypatch)
-    m = max(cpu.AMX_GEMM_MIN_TOKENS, cpu.GEMM_MIN_TOKENS_AVX512)
+    m = cpu.GEMM_MIN_TOKENS
     x = torch.randn(m, HIDDEN, generator=torch.Generator().manual_seed(4)).to(torch.bfloat16)
     got = _forward(layer, x).float()
     torch.testing.assert_close(got, _bnb_reference(x, tensors, shards, quant).float(),
@@ -469,10 +487,10 @@ def test_without_the_c_routines_every_batch_size_runs_the_fused_kernel(tmp_path,
     layer = _build_and_load(make, shards, path, quant)  # the uint8 tensor-op repack
     assert layer.bnb_parts[0][2].packing_format_for_cpu
     calls = _spy_paths(monkeypatch)
-    for m in (5, max(cpu.AMX_GEMM_MIN_TOKENS, cpu.GEMM_MIN_TOKENS_AVX512) + 1):
+    for m in (5, cpu.GEMM_MIN_TOKENS + 1):
         x = torch.randn(m, HIDDEN, generator=torch.Generator().manual_seed(5))
         x = x.to(torch.bfloat16)
         torch.testing.assert_close(_forward(layer, x).float(),
                                    _bnb_reference(x, tensors, shards, quant).float(),
                                    rtol=2e-2, atol=2e-2)
-    assert calls == {"gemm": [], "amx": []}
+    assert calls == NO_CALLS

@@ -40,30 +40,29 @@ def request_amx_tile_state() -> None:
 
 # ------------------------------------------------------------- which path for M tokens
 
-# The CPU 4-bit forward has three paths, chosen by the tokens in the step (M):
+# The CPU 4-bit forward has four paths, chosen by the tokens in the step (M):
 # - "fused": bitsandbytes' fused 4-bit kernel. It decodes the whole weight again for every
 #   4 rows of activations, so its cost grows linearly with M (~0.25 ms per row for
 #   6144 x 1536, one thread); the fastest at M = 1-2, the only one for float32 models.
 # - "amx": our AMX kernel (cpu_kernels.c, gemm_4bit_amx) decodes the weight once per step
-#   into AMX tiles: ~flat in M up to 16, and faster than a bf16 GEMM up to M ~ 256;
-#   products bit-identical to the "gemm" path's.
+#   into AMX tiles: ~flat in M up to 16, and faster than a bf16 GEMM up to M ~ 256.
+# - "avx512": the same decode feeding AVX512-BF16 dot products (gemm_4bit_avx512), for
+#   CPUs without AMX, where every path is bound by the dot products beyond a few rows: it
+#   saves the fused kernel's repeated decoding (~20 % from M = 16).
 # - "gemm": dequantize into a scratch buffer, then oneDNN's bf16 GEMM.
+# The kernels' products are bit-identical to the "gemm" path's (bf16-rounded weights).
 # Measured with scripts/cpu_crossover.py (one thread, min over repetitions, four shapes;
-# results/bench/crossover.json, notes/performance.md). Every path's cost scales with the
+# results/bench/crossover*.json, notes/performance.md); every path's cost scales with the
 # weight's size, so the crossovers depend on the ISA, not on the shape:
-# - AMX: the AMX kernel beats the fused one from M = 3-4 (2 on the smallest shape) and
-#   oneDNN's GEMM up to M = 256-512 (~1.2x at 512 on two shapes, ~0.95x on the other two).
-#   It starts at 16 all the same, where the GEMM path did: like the GEMM path it rounds
-#   each dequantized weight to bf16, and its arithmetic differs from the fused kernel's
-#   (what transformers runs); a tiny random audio encoder run on 13 frames through it
-#   (bit-identical to the GEMM path there) moved an audio placeholder's logprob by 2.8
-#   against HF (the case is in notes/performance.md);
-# - AVX512-BF16 without AMX (oneDNN capped at AVX512_CORE_BF16): oneDNN's bf16 GEMM runs
-#   at ~0.2 ms per row, about the fused kernel's rate, so the dequantization pays back
-#   from M = 64-128 (and wins by up to 25 % at 512).
-AMX_MIN_TOKENS = 16
-AMX_GEMM_MIN_TOKENS = 512
-GEMM_MIN_TOKENS_AVX512 = 128
+# - AMX: the AMX kernel beats the fused one from M = 3-4 and oneDNN's GEMM up to M =
+#   256-512; without AMX (oneDNN capped at AVX512_CORE_BF16) our AVX512-BF16 kernel beats
+#   the fused one from M = 8 and the GEMM path up to 256-512.
+# - Both kernels start at 16 all the same: like the GEMM path they round each dequantized
+#   weight to bf16, and their arithmetic differs from the fused kernel's (what
+#   transformers runs); a tiny random audio encoder run on 13 frames through the AMX kernel
+#   moved an audio placeholder's logprob by 2.8 against HF (notes/performance.md).
+KERNEL_MIN_TOKENS = 16
+GEMM_MIN_TOKENS = 512
 
 
 @functools.cache
@@ -78,20 +77,18 @@ def amx_usable() -> bool:
 
 
 def forward_path(tokens: int) -> str:
-    """"fused", "amx" or "gemm" for a bf16 step of `tokens` rows (see above)."""
-    if kernels() is None:
+    """"fused", "amx", "avx512" or "gemm" for a bf16 step of `tokens` rows (see above)."""
+    if kernels() is None or tokens < KERNEL_MIN_TOKENS:
         return "fused"
-    if amx_usable():
-        if tokens < AMX_MIN_TOKENS:
-            return "fused"
-        return "amx" if tokens < AMX_GEMM_MIN_TOKENS else "gemm"
-    return "fused" if tokens < GEMM_MIN_TOKENS_AVX512 else "gemm"
+    if tokens >= GEMM_MIN_TOKENS:
+        return "gemm"
+    return "amx" if amx_usable() else "avx512"
 
 
 # ------------------------------------------------------------- C routines
 
 _SOURCE = Path(__file__).with_name("cpu_kernels.c")
-# -fopenmp: the AMX kernel's threads come from libgomp.so.1, which torch has loaded already,
+# -fopenmp: our kernels' threads come from libgomp.so.1, which torch has loaded already,
 # so they are torch's own (torch.set_num_threads applies).
 _FLAGS = ("-O3", "-shared", "-fPIC", "-fopenmp",
           "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16")
@@ -130,6 +127,8 @@ def kernels() -> ctypes.CDLL | None:
     lib.repack_inplace.restype = None
     lib.dequantize_t.argtypes = [_P, _P, _P, _P, _I, _I, _I, _I, _I]
     lib.dequantize_t.restype = None
+    lib.gemm_4bit_avx512.argtypes = [_P, _P, _P, _P, _P, _I, _I, _I, _I]
+    lib.gemm_4bit_avx512.restype = None
     if hasattr(lib, "gemm_4bit_amx"):  # compilers older than GCC 11 leave it out
         lib.gemm_4bit_amx.argtypes = [_P, _P, _P, _P, _P, _I, _I, _I, _I]
         lib.gemm_4bit_amx.restype = ctypes.c_int
@@ -185,8 +184,9 @@ def matmul_4bit(x: torch.Tensor, weight: torch.Tensor, state: QuantState) -> tor
     float32 model's activations float32."""
     path = forward_path(x.shape[0]) if x.dtype == torch.bfloat16 else "fused"
     n, k = state.shape
-    if path == "amx" and amx_kernel_fits(n, k, state.blocksize):
-        return gemm_4bit_amx(x, weight, state.absmax, state.code, n, k, state.blocksize)
+    if path in ("amx", "avx512") and kernel_fits(n, k, state.blocksize):
+        gemm = gemm_4bit_amx if path == "amx" else gemm_4bit_avx512
+        return gemm(x, weight, state.absmax, state.code, n, k, state.blocksize)
     if path == "gemm":
         return dequantize_and_gemm(x, weight, state)
     return bnb.matmul_4bit(x, weight, quant_state=state)
@@ -221,8 +221,8 @@ def dequantize_and_gemm(x: torch.Tensor, weight: torch.Tensor, state: QuantState
     return out.to(x.dtype)
 
 
-def amx_kernel_fits(n: int, k: int, blocksize: int) -> bool:
-    """The AMX kernel's shape limits: whole 32 x 32 pieces, one scale per piece."""
+def kernel_fits(n: int, k: int, blocksize: int) -> bool:
+    """Our kernels' shape limits: whole 32 x 32 pieces, one scale per piece."""
     return n % 32 == 0 and k % 32 == 0 and blocksize % 32 == 0
 
 
@@ -240,4 +240,19 @@ def gemm_4bit_amx(
     )
     if failed:
         raise MemoryError(f"gemm_4bit_amx: no {k * 64} B work buffer for a thread")
+    return out
+
+
+def gemm_4bit_avx512(
+    x: torch.Tensor, kernel: torch.Tensor, scales: torch.Tensor, code: torch.Tensor,
+    n: int, k: int, blocksize: int,
+) -> torch.Tensor:
+    """x [M, k] (bf16) @ W^T from the kernel layout, as bf16 [M, n], with AVX512-BF16 dot
+    products (needs kernels(); the same shape limits as the AMX kernel)."""
+    x = x.contiguous()
+    out = torch.empty(x.shape[0], n, dtype=torch.bfloat16)
+    kernels().gemm_4bit_avx512(
+        x.data_ptr(), kernel.data_ptr(), scales.data_ptr(), code.data_ptr(), out.data_ptr(),
+        x.shape[0], n, k, blocksize,
+    )
     return out

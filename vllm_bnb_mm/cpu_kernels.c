@@ -90,6 +90,114 @@ void dequantize_t(const uint8_t *kernel, const uint16_t *scales, const float *co
     }
 }
 
+/* ------------------------------------------------------------------ 4-bit pieces
+ *
+ * Both GEMMs below decode each 32 x 32 piece of W once per call into the VNNI layout
+ * AMX's B tiles use (row r: 16 columns n, each the pair W[n, 2r], W[n, 2r + 1]), which is
+ * also what AVX512-BF16's VDPBF16PS takes: one B tile row against a broadcast pair of x
+ * is 16 outputs' two-term dot product. */
+
+/* Columns 32 kt .. 32 kt + 31 of rows 32 nb .. 32 nb + 31 into two B tiles (512 bf16
+ * each: rows n < 16, then rows n >= 16). Byte 2j + c of a column pair holds column c of
+ * rows j (low nibble) and 16 + j (high nibble): in byte order, the nibbles already are a
+ * B tile row in VNNI order (16 rows n, each the pair c = 0, 1), so each byte is widened to
+ * one float32 lane and the scales are spread to match (lane 2j + c: row j's scale). */
+static inline void decode_piece(const uint8_t *src, const uint16_t *s, __m512 lut,
+                                uint16_t *b) {
+    const __m512i first = _mm512_set_epi32(7, 7, 6, 6, 5, 5, 4, 4, 3, 3, 2, 2, 1, 1, 0, 0);
+    const __m512i second = _mm512_add_epi32(first, _mm512_set1_epi32(8));
+    const __m512 s_lo = bf16x16_to_f32(s), s_hi = bf16x16_to_f32(s + 16);
+    const __m512 lo0 = _mm512_permutexvar_ps(first, s_lo);
+    const __m512 lo1 = _mm512_permutexvar_ps(second, s_lo);
+    const __m512 hi0 = _mm512_permutexvar_ps(first, s_hi);
+    const __m512 hi1 = _mm512_permutexvar_ps(second, s_hi);
+    const __m512i nibble = _mm512_set1_epi32(0xF);
+    for (int r = 0; r < 16; ++r, src += 32) {
+        const __m512i q0 = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)src));
+        const __m512i q1 = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(src + 16)));
+        const __m512 w0 = _mm512_permutexvar_ps(_mm512_and_si512(q0, nibble), lut);
+        const __m512 w1 = _mm512_permutexvar_ps(_mm512_and_si512(q1, nibble), lut);
+        const __m512 v0 = _mm512_permutexvar_ps(_mm512_srli_epi32(q0, 4), lut);
+        const __m512 v1 = _mm512_permutexvar_ps(_mm512_srli_epi32(q1, 4), lut);
+        _mm512_store_si512(b + 32 * r, (__m512i)_mm512_cvtne2ps_pbh(_mm512_mul_ps(w1, lo1),
+                                                                   _mm512_mul_ps(w0, lo0)));
+        _mm512_store_si512(b + 512 + 32 * r, (__m512i)_mm512_cvtne2ps_pbh(
+                                                 _mm512_mul_ps(v1, hi1), _mm512_mul_ps(v0, hi0)));
+    }
+}
+
+/* ------------------------------------------------------------------ AVX512-BF16 GEMM
+ *
+ * out[M, N] (bf16) = x[M, K] (bf16) @ W^T straight from the kernel layout, for AVX512-BF16
+ * CPUs without AMX (Zen 4/5, Cooper Lake), where oneDNN's bf16 GEMM is no faster than
+ * bitsandbytes' fused kernel. As the AMX kernel: each piece of W decoded once per call (per
+ * 64 rows of x) into L1, then VDPBF16PS accumulates in float32 for every row of x; the
+ * products are those of dequantize + bf16 GEMM, only the order of the float32 sums differs. */
+
+#define X_ROWS 8    /* rows of x per register block: 16 accumulators */
+#define X_CHUNK 64  /* rows of x per decoded piece: 8 KB of float32 sums */
+
+/* acc[rows][32] += x[rows][32 columns of the piece] @ piece^T, rows <= X_ROWS. */
+static inline __attribute__((always_inline)) void dot_piece(const uint16_t *x, int64_t k,
+                                                            const uint16_t *b, float *acc,
+                                                            int rows) {
+    __m512 lo[X_ROWS], hi[X_ROWS];
+    for (int i = 0; i < rows; ++i) {
+        lo[i] = _mm512_load_ps(acc + 32 * i);
+        hi[i] = _mm512_load_ps(acc + 32 * i + 16);
+    }
+    for (int r = 0; r < 16; ++r) {
+        const __m512bh b_lo = (__m512bh)_mm512_load_si512(b + 32 * r);
+        const __m512bh b_hi = (__m512bh)_mm512_load_si512(b + 512 + 32 * r);
+        for (int i = 0; i < rows; ++i) {
+            int32_t pair;
+            memcpy(&pair, x + i * k + 2 * r, sizeof pair);
+            const __m512bh xv = (__m512bh)_mm512_set1_epi32(pair);
+            lo[i] = _mm512_dpbf16_ps(lo[i], xv, b_lo);
+            hi[i] = _mm512_dpbf16_ps(hi[i], xv, b_hi);
+        }
+    }
+    for (int i = 0; i < rows; ++i) {
+        _mm512_store_ps(acc + 32 * i, lo[i]);
+        _mm512_store_ps(acc + 32 * i + 16, hi[i]);
+    }
+}
+
+/* Rows m0 .. m0 + rows - 1 of x (rows <= X_CHUNK) against rows 32 nb .. 32 nb + 31 of W. */
+static void gemm_chunk_avx512(const uint16_t *x, const uint8_t *kernel, const uint16_t *scales,
+                              __m512 lut, uint16_t *out, int64_t m0, int rows, int64_t n,
+                              int64_t k, int64_t blocksize, int64_t nb) {
+    uint16_t piece[1024] __attribute__((aligned(64)));
+    float acc[X_CHUNK * 32] __attribute__((aligned(64)));
+    memset(acc, 0, sizeof(float) * 32 * (size_t)rows);
+    const uint8_t *w = kernel + nb * (k / 2) * 32;
+    for (int64_t kt = 0; kt < k / 32; ++kt) {
+        decode_piece(w + kt * 512, scales + (32 * kt / blocksize) * n + 32 * nb, lut, piece);
+        const uint16_t *xs = x + m0 * k + 32 * kt;
+        int i = 0;
+        for (; i + X_ROWS <= rows; i += X_ROWS)
+            dot_piece(xs + i * k, k, piece, acc + 32 * i, X_ROWS);
+        if (i < rows) dot_piece(xs + i * k, k, piece, acc + 32 * i, rows - i);
+    }
+    for (int i = 0; i < rows; ++i) {
+        const __m512i v = (__m512i)_mm512_cvtne2ps_pbh(_mm512_load_ps(acc + 32 * i + 16),
+                                                       _mm512_load_ps(acc + 32 * i));
+        _mm512_storeu_si512(out + (m0 + i) * n + 32 * nb, v);
+    }
+}
+
+/* Blocks of 32 rows of W split over the OpenMP threads (torch's runtime, as for AMX). */
+void gemm_4bit_avx512(const uint16_t *x, const uint8_t *kernel, const uint16_t *scales,
+                      const float *code, uint16_t *out, int64_t m, int64_t n, int64_t k,
+                      int64_t blocksize) {
+    const __m512 lut = _mm512_loadu_ps(code);
+#pragma omp parallel for schedule(static)
+    for (int64_t nb = 0; nb < n / 32; ++nb)
+        for (int64_t m0 = 0; m0 < m; m0 += X_CHUNK)
+            gemm_chunk_avx512(x, kernel, scales, lut, out, m0,
+                              m - m0 < X_CHUNK ? (int)(m - m0) : X_CHUNK, n, k, blocksize, nb);
+}
+
 /* ------------------------------------------------------------------ AMX GEMM
  *
  * out[M, N] (bf16) = x[M, K] (bf16) @ W^T straight from the kernel layout, for CPUs with
@@ -123,35 +231,6 @@ static void configure_tiles(int rows) {
     _tile_loadconfig(&cfg);
 }
 
-/* Columns 32 kt .. 32 kt + 31 of rows 32 nb .. 32 nb + 31 into two B tiles (512 bf16
- * each: rows n < 16, then rows n >= 16). Byte 2j + c of a column pair holds column c of
- * rows j (low nibble) and 16 + j (high nibble): in byte order, the nibbles already are a
- * B tile row in VNNI order (16 rows n, each the pair c = 0, 1), so each byte is widened to
- * one float32 lane and the scales are spread to match (lane 2j + c: row j's scale). */
-static inline void decode_tiles(const uint8_t *src, const uint16_t *s, __m512 lut,
-                                uint16_t *b) {
-    const __m512i first = _mm512_set_epi32(7, 7, 6, 6, 5, 5, 4, 4, 3, 3, 2, 2, 1, 1, 0, 0);
-    const __m512i second = _mm512_add_epi32(first, _mm512_set1_epi32(8));
-    const __m512 s_lo = bf16x16_to_f32(s), s_hi = bf16x16_to_f32(s + 16);
-    const __m512 lo0 = _mm512_permutexvar_ps(first, s_lo);
-    const __m512 lo1 = _mm512_permutexvar_ps(second, s_lo);
-    const __m512 hi0 = _mm512_permutexvar_ps(first, s_hi);
-    const __m512 hi1 = _mm512_permutexvar_ps(second, s_hi);
-    const __m512i nibble = _mm512_set1_epi32(0xF);
-    for (int r = 0; r < 16; ++r, src += 32) {
-        const __m512i q0 = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)src));
-        const __m512i q1 = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(src + 16)));
-        const __m512 w0 = _mm512_permutexvar_ps(_mm512_and_si512(q0, nibble), lut);
-        const __m512 w1 = _mm512_permutexvar_ps(_mm512_and_si512(q1, nibble), lut);
-        const __m512 v0 = _mm512_permutexvar_ps(_mm512_srli_epi32(q0, 4), lut);
-        const __m512 v1 = _mm512_permutexvar_ps(_mm512_srli_epi32(q1, 4), lut);
-        _mm512_store_si512(b + 32 * r, (__m512i)_mm512_cvtne2ps_pbh(_mm512_mul_ps(w1, lo1),
-                                                                   _mm512_mul_ps(w0, lo0)));
-        _mm512_store_si512(b + 512 + 32 * r, (__m512i)_mm512_cvtne2ps_pbh(
-                                                 _mm512_mul_ps(v1, hi1), _mm512_mul_ps(v0, hi0)));
-    }
-}
-
 /* The two accumulator tiles, rounded to bf16, into rows m0 .. m0 + rows - 1 of out. */
 static inline void store_rows(uint16_t *out, int64_t n, int64_t m0, int rows, int64_t nb) {
     float c[16][32] __attribute__((aligned(64)));
@@ -176,7 +255,7 @@ static void gemm_blocks(const uint16_t *x, const uint8_t *kernel, const uint16_t
         _tile_zero(0);
         _tile_zero(1);
         for (int64_t kt = 0; kt < kt_count; ++kt) {
-            decode_tiles(w + kt * 512, scales + (32 * kt / blocksize) * n + 32 * nb, lut, work);
+            decode_piece(w + kt * 512, scales + (32 * kt / blocksize) * n + 32 * nb, lut, work);
             _tile_loadd(2, x + 32 * kt, k * 2);
             _tile_loadd(3, work, 64);
             _tile_loadd(4, work + 512, 64);
@@ -189,7 +268,7 @@ static void gemm_blocks(const uint16_t *x, const uint8_t *kernel, const uint16_t
     /* Many rows: decode the 32 rows of W once, then every tile of rows reads them. The
      * tile shapes change for a last partial tile of rows and back for the next block. */
     for (int64_t kt = 0; kt < kt_count; ++kt)
-        decode_tiles(w + kt * 512, scales + (32 * kt / blocksize) * n + 32 * nb, lut,
+        decode_piece(w + kt * 512, scales + (32 * kt / blocksize) * n + 32 * nb, lut,
                      work + kt * 1024);
     for (int64_t m0 = 0; m0 < m; m0 += 16) {
         const int rows = m - m0 < 16 ? (int)(m - m0) : 16;
