@@ -975,6 +975,8 @@ def machine() -> dict[str, Any]:
         "mem_gib": round(mem_gib, 1), "python": platform.python_version(),
         "kernel": platform.release(), "vllm": vllm.__version__, "torch": torch.__version__,
         "transformers": transformers.__version__, "bitsandbytes": bitsandbytes.__version__,
+        # Set to stand for CPUs without AMX (oneDNN and our kernel choice follow it).
+        "onednn_max_cpu_isa": os.environ.get("ONEDNN_MAX_CPU_ISA"),
     }
 
 
@@ -1008,6 +1010,8 @@ def _esc(text: str) -> str:
 def render_md(report: dict[str, Any]) -> str:
     agg, m, ck = report["aggregate"], report["machine"], report["checkpoint"]
     sp = ck["spec"]
+    isa_cap = m.get("onednn_max_cpu_isa")
+    cap = f"; ONEDNN_MAX_CPU_ISA={isa_cap}, as CPUs without AMX" if isa_cap else ""
     lines = [
         "# Load and decode benchmark: vllm-bnb-mm vs vllm-bnb-plugin vs vLLM bf16",
         "",
@@ -1016,7 +1020,7 @@ def render_md(report: dict[str, Any]) -> str:
         "",
         f"**Machine**: {m['cpu']} (family {m['cpu_family_model'].get('family')}, model "
         f"{m['cpu_family_model'].get('model')}{', KVM guest' if m['virtualized'] else ''}), "
-        f"{m['cores']} cores ({'/'.join(m['isa'])}), {m['mem_gib']} GiB RAM; Python "
+        f"{m['cores']} cores ({'/'.join(m['isa'])}{cap}), {m['mem_gib']} GiB RAM; Python "
         f"{m['python']}, vLLM {m['vllm']} (CPU), torch {m['torch']}, transformers "
         f"{m['transformers']}, bitsandbytes {m['bitsandbytes']}; incumbent vllm-bnb-plugin "
         f"{report['incumbent_version']}; ours (vllm-bnb-mm) at {report.get('ours', 'n/a')}.",
