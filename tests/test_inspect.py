@@ -103,16 +103,23 @@ _ITEMSIZE = {"U8": 1, "I8": 1, "BF16": 2, "F16": 2, "F32": 4, "I32": 4, "I64": 8
 def _loaded_bytes_from_header(ckpt: Path, layout: dict) -> int:
     """Weights as loaded on a GPU, from the header alone: 4-bit packed bytes + float32
     absmax + the 16-entry code, 8-bit int8 + float32 row scales, plain floats in
-    bfloat16, an LM head stored 4-bit dequantized to bfloat16, k_eq_v K stored twice."""
+    bfloat16, an LM head stored 4-bit dequantized to bfloat16, k_eq_v K stored twice,
+    MoE experts stored bf16 (recipe t5) quantized at load like the checkpoint (blocksize
+    64, float32 absmax; int8 + row scales)."""
     header = ref.checkpoint_header(ckpt)
     packed = layout["packed_modules"]
+    experts_at_load = layout.get("moe", {}).get("recipe") == "t5"
+    eight_bit = "int8" in packed.values()
     total = 0
     for key, meta in header.items():
         if key.endswith(STATE_SUFFIXES) or ".quant_state." in key:
             continue
         module = key.removesuffix(".weight")
         numel = math.prod(meta["shape"])
-        if packed.get(module) in ("nf4", "fp4"):
+        if experts_at_load and "experts" in key.split(".") and meta["dtype"] == "BF16":
+            rows = numel // meta["shape"][-1]
+            total += numel + 4 * rows if eight_bit else numel // 2 + 4 * -(-numel // 64)
+        elif packed.get(module) in ("nf4", "fp4"):
             # packed bytes may be stored in a wider dtype (bnb_4bit_quant_storage)
             nbytes = numel * _ITEMSIZE[meta["dtype"]]
             logical = 2 * nbytes
@@ -313,3 +320,21 @@ def test_moe_experts_left_unquantized_by_transformers_are_reported(tmp_path):
     assert problem.severity == "warning" and f"{len(experts)} MoE expert" in problem.message
     assert set(problem.examples) <= set(experts) and problem.examples
     assert "moe-experts-unquantized" not in _codes(inspect_checkpoint(str(tmp_path / "bf16")))
+
+    # The loader quantizes those experts (nf4, blocksize 64): they count as 4-bit as
+    # loaded, and the warning says so, and how to keep them as HF runs them.
+    assert "quantizes them while loading" in problem.message
+    assert "bnb_moe_experts" in problem.fix
+    numels = [math.prod(header[k]["shape"]) for k in experts]
+    assert report.loaded_bytes_by_kind["4bit quantized at load"] == sum(
+        n // 2 + n // 64 * 4 for n in numels)
+    # With `bnb_moe_experts: "unquantized"` they load as stored (bf16, 2 bytes each).
+    config_path = tmp_path / "nf4" / "config.json"
+    config_path.write_text(json.dumps({**json.loads(config_path.read_text()),
+                                       "bnb_moe_experts": "unquantized"}))
+    kept = inspect_checkpoint(str(tmp_path / "nf4"))
+    assert "4bit quantized at load" not in kept.loaded_bytes_by_kind
+    assert (kept.loaded_bytes_by_kind["plain"]
+            == report.loaded_bytes_by_kind["plain"] + 2 * sum(numels))
+    problem = next(p for p in kept.problems if p.code == "moe-experts-unquantized")
+    assert "load in the model dtype" in problem.message

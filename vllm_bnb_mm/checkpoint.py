@@ -288,6 +288,14 @@ def find_unpaired_packed_weights(layout: CheckpointLayout) -> list[TensorInfo]:
     ]
 
 
+# What to do with MoE experts that the checkpoint stores unquantized (transformers 5 keeps
+# experts as 3-D parameters, which bitsandbytes never quantizes): "quantize" them while
+# loading (default), or keep them "unquantized". A top-level config key, so it can be set
+# in config.json or with `--hf-overrides '{"bnb_moe_experts": "unquantized"}'`.
+MOE_EXPERTS_KEY = "bnb_moe_experts"
+MOE_EXPERTS_MODES = ("quantize", "unquantized")
+
+
 @dataclass(frozen=True)
 class DeclaredQuantization:
     """What config.json's bitsandbytes quantization_config says, for the tensor checks."""

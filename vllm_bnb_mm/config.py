@@ -9,6 +9,8 @@ import torch
 from vllm.model_executor.layers.linear import LinearBase, UnquantizedLinearMethod
 from vllm.model_executor.layers.quantization import QuantizationConfig
 
+from .checkpoint import MOE_EXPERTS_KEY, MOE_EXPERTS_MODES
+
 ModuleKind = Literal["4bit", "8bit", "plain"]
 
 # Fused vLLM modules and the checkpoint modules they stack, used when a model class
@@ -18,12 +20,6 @@ DEFAULT_PACKED_MODULES = {
     "gate_up_proj": ["gate_proj", "up_proj"],
 }
 
-# What to do with MoE experts that the checkpoint stores unquantized (transformers 5 keeps
-# experts as 3-D parameters, which bitsandbytes never quantizes): "quantize" them while
-# loading (default), or keep them "unquantized". A top-level config key, so it can be set
-# in config.json or with `--hf-overrides '{"bnb_moe_experts": "unquantized"}'`.
-MOE_EXPERTS_KEY = "bnb_moe_experts"
-MOE_EXPERTS_MODES = ("quantize", "unquantized")
 
 
 class BnbConfig(QuantizationConfig):

@@ -21,9 +21,11 @@ import torch
 
 from . import quant_state as qs
 from .checkpoint import (
+    MOE_EXPERTS_KEY,
     CheckpointLayout,
     FileReader,
     QuantizedWeight,
+    TensorInfo,
     check_quantization_matches,
     declared_quantization,
     narrowed_absmax,
@@ -176,12 +178,13 @@ def inspect_checkpoint(
     modules = _module_infos(layout, FileReader(), full)
     facts = architecture(folder, layout) if architecture is not None else None
     _apply_build(modules, facts)
+    experts_kind = experts_quantized_at_load(config)
     assumptions = _price(modules, layout, _FLOAT_SIZES[dtype], facts, full)
-    problems = find_problems(layout, modules, qconfig, facts)
+    problems = find_problems(layout, modules, qconfig, facts, experts_kind)
     tp_exact, tp_problem = tp_cut_report(modules, tp_sizes, config, facts)
     if tp_problem is not None:
         problems.append(tp_problem)
-    loaded = _loaded_bytes_by_kind(modules, layout, _FLOAT_SIZES[dtype])
+    loaded = _loaded_bytes_by_kind(modules, layout, _FLOAT_SIZES[dtype], experts_kind)
     return Report(
         checkpoint=os.path.abspath(folder),
         files=[os.path.basename(f) for f in files],
@@ -307,18 +310,35 @@ def _disk_bytes_by_kind(layout: CheckpointLayout) -> dict[str, int]:
 
 
 def _loaded_bytes_by_kind(
-    modules: list[ModuleInfo], layout: CheckpointLayout, itemsize: int
+    modules: list[ModuleInfo], layout: CheckpointLayout, itemsize: int,
+    experts_kind: str | None,
 ) -> dict[str, int]:
     out: dict[str, int] = {}
+    experts = {t.name: t for t in unquantized_experts(layout)} if experts_kind else {}
     for m in modules:
+        if m.name + ".weight" in experts:
+            continue
         key = {"packed": f"{_bits(m)} packed", "dequantized": f"{_bits(m)} dequantized",
                "absent": "not loaded", "ignored": "not loaded"}.get(m.built, "plain")
         out[key] = out.get(key, 0) + m.loaded_bytes
     skip = {m.name + ".weight" for m in modules} | layout.state_tensor_names
-    others = [t for n, t in layout.tensors.items() if n not in skip]
+    others = [t for n, t in layout.tensors.items() if n not in skip and n not in experts]
     out["plain"] = out.get("plain", 0) + sum(_plain_loaded_bytes(t, itemsize) for t in others)
+    if experts:
+        key = f"{experts_kind} quantized at load"
+        out[key] = sum(_in_flight_bytes(t.shape, experts_kind) for t in experts.values())
     out.pop("not loaded", None)
     return {k: v for k, v in out.items() if v}
+
+
+def _in_flight_bytes(shape: tuple[int, ...], kind: str) -> int:
+    """A weight the loader quantizes, in the GPU layout the other sizes assume: 4-bit
+    packed + a float32 scale per 64 values (the in-flight blocksize); int8 + a float32
+    scale per row."""
+    numel = math.prod(shape)
+    if kind == "8bit":
+        return numel + numel // shape[-1] * 4
+    return numel // 2 + -(-numel // IN_FLIGHT_BLOCKSIZE) * 4
 
 
 def _bits(m: ModuleInfo) -> str:
@@ -330,7 +350,7 @@ def _bits(m: ModuleInfo) -> str:
 
 def find_problems(
     layout: CheckpointLayout, modules: list[ModuleInfo], qconfig: dict | None,
-    facts: ArchitectureFacts | None,
+    facts: ArchitectureFacts | None, experts_kind: str | None = None,
 ) -> list[Problem]:
     packed = [m for m in modules if m.kind != "plain"]
     problems = [
@@ -338,7 +358,7 @@ def find_problems(
         *_skip_list_problems(modules, qconfig),
         *_tower_problem(packed),
         *_k_eq_v_problem(modules),
-        *_moe_problem(layout, packed),
+        *_moe_problem(layout, packed, experts_kind),
         *_narrowed_absmax_problem(layout),
         *_absent_module_problem(packed, facts),
     ]
@@ -434,16 +454,40 @@ def _k_eq_v_problem(modules: list[ModuleInfo]) -> list[Problem]:
     )]
 
 
-def _moe_problem(layout: CheckpointLayout, packed: list[ModuleInfo]) -> list[Problem]:
-    """Experts left in full precision beside packed layers: transformers 5 stores MoE
-    experts as 3-D parameters, and bitsandbytes only quantizes nn.Linear."""
+# The loader quantizes unquantized MoE experts with the config's settings; transformers
+# writes no blocksize, so 64, bitsandbytes' default.
+IN_FLIGHT_BLOCKSIZE = 64
+
+
+def experts_quantized_at_load(config: dict) -> str | None:
+    """"4bit" / "8bit": what the loader makes of MoE experts a BnB checkpoint stores
+    unquantized (it quantizes them with the checkpoint's settings); None where they stay
+    in the model dtype (`bnb_moe_experts: "unquantized"`, or no BnB quantization_config)."""
+    declared = declared_quantization(config.get("quantization_config"))
+    if declared is None or config.get(MOE_EXPERTS_KEY) == "unquantized":
+        return None
+    return declared.kind
+
+
+def unquantized_experts(layout: CheckpointLayout) -> list[TensorInfo]:
+    """MoE expert tensors stored in floating point: transformers 5 keeps experts as 3-D
+    parameters (written back per expert by some models), and bitsandbytes only quantizes
+    nn.Linear."""
     state = layout.state_tensor_names
-    experts = [
+    return [
         t for n, t in layout.tensors.items()
         if "experts" in n.split(".") and t.dtype.is_floating_point
         and n not in state and n not in layout.quantized
         and (len(t.shape) == 3 or n.endswith(".weight"))
     ]
+
+
+def _moe_problem(
+    layout: CheckpointLayout, packed: list[ModuleInfo], experts_kind: str | None
+) -> list[Problem]:
+    """Experts left in full precision beside packed layers: HF runs them in full precision,
+    the loader quantizes them (unless told not to), so the two differ there."""
+    experts = unquantized_experts(layout)
     if not experts or not packed:
         return []
     size = sum(_nbytes(t) for t in experts)
@@ -451,15 +495,30 @@ def _moe_problem(layout: CheckpointLayout, packed: list[ModuleInfo]) -> list[Pro
     three_d = [t for t in experts if len(t.shape) == 3]
     how = ("3-D expert parameters (transformers 5 MoE layout), which bitsandbytes does not "
            "quantize" if three_d else "per-expert weights left unquantized")
+    found = (f"{len(experts)} MoE expert tensor(s) are {experts[0].dtype} ({_gib(size)}, "
+             f"{100 * size / max(total, 1):.0f}% of the checkpoint): {how}, beside "
+             f"{len(packed)} packed layer(s).")
+    if experts_kind is None:
+        return [Problem(
+            "moe-experts-unquantized", "warning",
+            f"{found} With bnb_moe_experts: \"unquantized\" they load in the model dtype, as "
+            "HF runs them: the memory saving you expected from 4-bit mostly did not happen.",
+            "Drop bnb_moe_experts to let vllm-bnb-mm quantize them while loading, or "
+            "quantize the experts per expert (transformers 4.x or unsloth pack every expert "
+            "as its own Linear).",
+            [t.name for t in experts[:5]],
+        )]
     return [Problem(
         "moe-experts-unquantized", "warning",
-        f"{len(experts)} MoE expert tensor(s) are {experts[0].dtype} ({_gib(size)}, "
-        f"{100 * size / max(total, 1):.0f}% of the checkpoint): {how}, beside "
-        f"{len(packed)} packed layer(s). They load in the model dtype; the memory saving "
-        "you expected from 4-bit mostly did not happen.",
-        "Quantize the experts per expert (transformers 4.x or unsloth pack every expert "
-        "as its own Linear), or serve the bf16 model with --quantization bitsandbytes to "
-        "quantize the Linear layers in flight.",
+        f"{found} vllm-bnb-mm quantizes them while loading ({experts_kind}, the "
+        "checkpoint's settings; counted so under 'as loaded'), but HF runs this checkpoint "
+        "with full-precision experts, so outputs differ from HF's by the experts' "
+        "quantization error.",
+        "To serve the experts as HF does (at their full-precision size), set "
+        "bnb_moe_experts: \"unquantized\" in config.json or with --hf-overrides "
+        "'{\"bnb_moe_experts\": \"unquantized\"}'; to have every runtime compute the same "
+        "4-bit experts, quantize them per expert (transformers 4.x or unsloth pack every "
+        "expert as its own Linear).",
         [t.name for t in experts[:5]],
     )]
 
