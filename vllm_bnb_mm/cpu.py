@@ -239,7 +239,7 @@ def gemm_4bit_amx(
         x.shape[0], n, k, blocksize,
     )
     if failed:
-        raise MemoryError(f"gemm_4bit_amx: no {k * 64} B work buffer for a thread")
+        raise MemoryError("gemm_4bit_amx: no work buffer (1-8 blocks of 64 x k bytes)")
     return out
 
 

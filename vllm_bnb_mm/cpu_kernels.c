@@ -209,7 +209,8 @@ void gemm_4bit_avx512(const uint16_t *x, const uint8_t *kernel, const uint16_t *
  * GEMM; only the order of the float32 sums differs.
  *
  * Tiles: 0, 1 accumulate rows of x against output columns 32 nb + [0, 16) and
- * [16, 32); 2 holds 16 rows x 32 columns of x; 3, 4 hold the matching two B tiles. */
+ * [16, 32); 2 holds 16 rows x 32 columns of x; 3, 4 hold the matching two B tiles; with
+ * many rows, 5, 6 and 7 are a second tile of rows' accumulators and x. */
 #if defined(__GNUC__) && (__GNUC__ >= 11 || defined(__clang__))
 #pragma GCC push_options
 #pragma GCC target("amx-tile,amx-bf16")
@@ -224,18 +225,25 @@ static void configure_tiles(int rows) {
     struct tile_config cfg;
     memset(&cfg, 0, sizeof cfg);
     cfg.palette = 1;
-    for (int t = 0; t < 5; ++t) {
+    for (int t = 0; t < 8; ++t) {
         cfg.colsb[t] = 64;
-        cfg.rows[t] = t >= 3 ? 16 : (uint8_t)rows;
+        cfg.rows[t] = t <= 2 ? (uint8_t)rows : 16;
     }
     _tile_loadconfig(&cfg);
 }
 
-/* The two accumulator tiles, rounded to bf16, into rows m0 .. m0 + rows - 1 of out. */
-static inline void store_rows(uint16_t *out, int64_t n, int64_t m0, int rows, int64_t nb) {
-    float c[16][32] __attribute__((aligned(64)));
-    _tile_stored(0, &c[0][0], 128);
-    _tile_stored(1, &c[0][16], 128);
+/* Two accumulator tiles (columns 0-15 and 16-31 of a block, stored into c), rounded to
+ * bf16, into rows m0 .. m0 + rows - 1 of out. A macro: tile numbers are immediates. */
+#define STORE_ROWS(out, n, m0, rows, nb, lo, hi)                                      \
+    do {                                                                              \
+        float c_[16][32] __attribute__((aligned(64)));                                \
+        _tile_stored(lo, &c_[0][0], 128);                                             \
+        _tile_stored(hi, &c_[0][16], 128);                                            \
+        round_rows(c_, out, n, m0, rows, nb);                                         \
+    } while (0)
+
+static inline void round_rows(float c[16][32], uint16_t *out, int64_t n, int64_t m0,
+                              int rows, int64_t nb) {
     for (int r = 0; r < rows; ++r) {
         const __m512i v = (__m512i)_mm512_cvtne2ps_pbh(_mm512_load_ps(&c[r][16]),
                                                        _mm512_load_ps(&c[r][0]));
@@ -243,48 +251,89 @@ static inline void store_rows(uint16_t *out, int64_t n, int64_t m0, int rows, in
     }
 }
 
-/* Rows of W nb0 .. (32 rows a block) against every row of x; `work` holds 32 x k bf16
- * (64-byte aligned) when m > 16, 1024 otherwise. */
-static void gemm_blocks(const uint16_t *x, const uint8_t *kernel, const uint16_t *scales,
-                        __m512 lut, uint16_t *out, uint16_t *work,
-                        int64_t m, int64_t n, int64_t k, int64_t blocksize, int64_t nb) {
-    const int64_t kt_count = k / 32;
+/* Up to 16 rows of x against rows 32 nb .. 32 nb + 31 of W: decode and multiply piece by
+ * piece (`work`: 1024 bf16, stays in L1). */
+static void gemm_block_few_rows(const uint16_t *x, const uint8_t *kernel,
+                                const uint16_t *scales, __m512 lut, uint16_t *out,
+                                uint16_t *work, int64_t m, int64_t n, int64_t k,
+                                int64_t blocksize, int64_t nb) {
     const uint8_t *w = kernel + nb * (k / 2) * 32;
-    if (m <= 16) {
-        /* One tile of rows: decode and multiply piece by piece (stays in L1). */
-        _tile_zero(0);
-        _tile_zero(1);
-        for (int64_t kt = 0; kt < kt_count; ++kt) {
-            decode_piece(w + kt * 512, scales + (32 * kt / blocksize) * n + 32 * nb, lut, work);
-            _tile_loadd(2, x + 32 * kt, k * 2);
-            _tile_loadd(3, work, 64);
-            _tile_loadd(4, work + 512, 64);
-            _tile_dpbf16ps(0, 2, 3);
-            _tile_dpbf16ps(1, 2, 4);
-        }
-        store_rows(out, n, 0, (int)m, nb);
-        return;
+    _tile_zero(0);
+    _tile_zero(1);
+    for (int64_t kt = 0; kt < k / 32; ++kt) {
+        decode_piece(w + kt * 512, scales + (32 * kt / blocksize) * n + 32 * nb, lut, work);
+        _tile_loadd(2, x + 32 * kt, k * 2);
+        _tile_loadd(3, work, 64);
+        _tile_loadd(4, work + 512, 64);
+        _tile_dpbf16ps(0, 2, 3);
+        _tile_dpbf16ps(1, 2, 4);
     }
-    /* Many rows: decode the 32 rows of W once, then every tile of rows reads them. The
-     * tile shapes change for a last partial tile of rows and back for the next block. */
-    for (int64_t kt = 0; kt < kt_count; ++kt)
-        decode_piece(w + kt * 512, scales + (32 * kt / blocksize) * n + 32 * nb, lut,
-                     work + kt * 1024);
-    for (int64_t m0 = 0; m0 < m; m0 += 16) {
+    STORE_ROWS(out, n, 0, (int)m, nb, 0, 1);
+}
+
+/* Every row of x against `group` blocks of 32 rows of W from nb: decode the blocks once
+ * (`work`: group x 32 x k bf16, sized to stay in L2), then each tile of x rows is read
+ * from memory once for the whole group and stays cached while every block multiplies it
+ * (x is re-read once per group, not per block). Two tiles of rows at a time (tiles 0, 1
+ * and 5, 6 accumulate, 2 and 7 hold x), so each B tile loaded feeds two products. The
+ * tile shapes change for a last partial tile of rows and back after it. */
+static void gemm_group_many_rows(const uint16_t *x, const uint8_t *kernel,
+                                 const uint16_t *scales, __m512 lut, uint16_t *out,
+                                 uint16_t *work, int64_t m, int64_t n, int64_t k,
+                                 int64_t blocksize, int64_t nb, int64_t group) {
+    const int64_t kt_count = k / 32, block = kt_count * 1024;
+    for (int64_t g = 0; g < group; ++g) {
+        const uint8_t *w = kernel + (nb + g) * (k / 2) * 32;
+        for (int64_t kt = 0; kt < kt_count; ++kt)
+            decode_piece(w + kt * 512, scales + (32 * kt / blocksize) * n + 32 * (nb + g),
+                         lut, work + g * block + kt * 1024);
+    }
+    int64_t m0 = 0;
+    for (; m0 + 32 <= m; m0 += 32) {
+        for (int64_t g = 0; g < group; ++g) {
+            const uint16_t *b = work + g * block;
+            _tile_zero(0);
+            _tile_zero(1);
+            _tile_zero(5);
+            _tile_zero(6);
+            for (int64_t kt = 0; kt < kt_count; ++kt) {
+                _tile_loadd(3, b + kt * 1024, 64);
+                _tile_loadd(4, b + kt * 1024 + 512, 64);
+                _tile_loadd(2, x + m0 * k + 32 * kt, k * 2);
+                _tile_loadd(7, x + (m0 + 16) * k + 32 * kt, k * 2);
+                _tile_dpbf16ps(0, 2, 3);
+                _tile_dpbf16ps(1, 2, 4);
+                _tile_dpbf16ps(5, 7, 3);
+                _tile_dpbf16ps(6, 7, 4);
+            }
+            STORE_ROWS(out, n, m0, 16, nb + g, 0, 1);
+            STORE_ROWS(out, n, m0 + 16, 16, nb + g, 5, 6);
+        }
+    }
+    for (; m0 < m; m0 += 16) {
         const int rows = m - m0 < 16 ? (int)(m - m0) : 16;
         if (rows < 16) configure_tiles(rows);
-        _tile_zero(0);
-        _tile_zero(1);
-        for (int64_t kt = 0; kt < kt_count; ++kt) {
-            _tile_loadd(2, x + m0 * k + 32 * kt, k * 2);
-            _tile_loadd(3, work + kt * 1024, 64);
-            _tile_loadd(4, work + kt * 1024 + 512, 64);
-            _tile_dpbf16ps(0, 2, 3);
-            _tile_dpbf16ps(1, 2, 4);
+        for (int64_t g = 0; g < group; ++g) {
+            const uint16_t *b = work + g * block;
+            _tile_zero(0);
+            _tile_zero(1);
+            for (int64_t kt = 0; kt < kt_count; ++kt) {
+                _tile_loadd(2, x + m0 * k + 32 * kt, k * 2);
+                _tile_loadd(3, b + kt * 1024, 64);
+                _tile_loadd(4, b + kt * 1024 + 512, 64);
+                _tile_dpbf16ps(0, 2, 3);
+                _tile_dpbf16ps(1, 2, 4);
+            }
+            STORE_ROWS(out, n, m0, rows, nb + g, 0, 1);
         }
-        store_rows(out, n, m0, rows, nb);
         if (rows < 16) configure_tiles(16);
     }
+}
+
+/* Blocks of W decoded together for many rows: as many as fit in 512 KB (L2), 1 to 8. */
+static int64_t blocks_per_group(int64_t k) {
+    const int64_t fit = (512 * 1024) / (k * 64);
+    return fit < 1 ? 1 : fit > 8 ? 8 : fit;
 }
 
 /* The caller has asked Linux for the AMX tile state (cpu.request_amx_tile_state). Blocks
@@ -303,15 +352,21 @@ int gemm_4bit_amx(const uint16_t *x, const uint8_t *kernel, const uint16_t *scal
         const int64_t blocks = n / 32, threads = omp_get_num_threads();
         const int64_t me = omp_get_thread_num();
         const int64_t nb0 = blocks * me / threads, nb1 = blocks * (me + 1) / threads;
+        const int64_t group = blocks_per_group(k);
         uint16_t small[1024] __attribute__((aligned(64)));
-        uint16_t *work = m <= 16 ? small : aligned_alloc(64, (size_t)k * 64);
+        uint16_t *work = m <= 16 ? small : aligned_alloc(64, (size_t)(group * k * 64));
         if (work == NULL) {
 #pragma omp atomic write
             failed = 1;
         } else if (nb0 < nb1) {
             configure_tiles(m < 16 ? (int)m : 16);
-            for (int64_t nb = nb0; nb < nb1; ++nb)
-                gemm_blocks(x, kernel, scales, lut, out, work, m, n, k, blocksize, nb);
+            for (int64_t nb = nb0; nb < nb1; nb += m <= 16 ? 1 : group) {
+                if (m <= 16)
+                    gemm_block_few_rows(x, kernel, scales, lut, out, work, m, n, k, blocksize, nb);
+                else
+                    gemm_group_many_rows(x, kernel, scales, lut, out, work, m, n, k, blocksize,
+                                         nb, nb1 - nb < group ? nb1 - nb : group);
+            }
             _tile_release();
         }
         if (work != small) free(work);
