@@ -34,7 +34,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 SHAPES = [(6144, 1536), (1536, 6144), (2048, 1536), (4096, 4096)]
-TOKENS = [1, 2, 4, 8, 12, 16, 20, 24, 32, 48, 64, 96, 128, 192, 256, 512]
+TOKENS = [1, 2, 4, 8, 12, 16, 20, 24, 32, 48, 64, 96, 128, 192, 256, 512, 1024, 2048]
 ISAS = {"amx": None, "avx512_core_bf16": "AVX512_CORE_BF16"}
 
 

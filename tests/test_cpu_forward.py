@@ -12,6 +12,7 @@ AVX512-BF16 kernel. A float32 engine keeps the fused kernel (tests/test_linear_l
 
 from __future__ import annotations
 
+import json
 import logging
 
 import pytest
@@ -117,8 +118,8 @@ def test_our_kernels_are_the_product_with_bitsandbytes_dequantized_weight(
 ])
 def test_paths_follow_the_isa_onednn_may_use(monkeypatch, cap, amx_expected):
     """Fused up to 15 tokens; from 16 the AMX kernel with AMX (and not capped off), the
-    AVX512-BF16 kernel without; oneDNN's GEMM from 512 (the crossovers measured by
-    scripts/cpu_crossover.py, notes/performance.md)."""
+    AVX512-BF16 kernel without; oneDNN's GEMM from 512, or with AMX and K <= 2048 from
+    2048 (the crossovers measured by scripts/cpu_crossover.py, notes/performance.md)."""
     if cap is None:
         monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
     else:
@@ -126,14 +127,20 @@ def test_paths_follow_the_isa_onednn_may_use(monkeypatch, cap, amx_expected):
     monkeypatch.delenv("DNNL_MAX_CPU_ISA", raising=False)
     cpu.amx_usable.cache_clear()
     try:
-        tokens = (1, 15, 16, 127, 128, 511, 512)
-        paths = [cpu.forward_path(m) for m in tokens]
+        tokens = (1, 15, 16, 127, 511, 512, 2047, 2048)
+        small_k = [cpu.forward_path(m, 1536) for m in tokens]
+        large_k = [cpu.forward_path(m, 6144) for m in tokens]
         if cpu.kernels() is None:
-            assert paths == ["fused"] * len(tokens)
+            assert small_k == large_k == ["fused"] * len(tokens)
             return
-        ours = "amx" if amx_expected and torch.cpu._is_amx_tile_supported() else "avx512"
-        assert cpu.amx_usable() == (ours == "amx")
-        assert paths == ["fused", "fused", ours, ours, ours, ours, "gemm"]
+        amx = amx_expected and torch.cpu._is_amx_tile_supported()
+        assert cpu.amx_usable() == amx
+        ours = "amx" if amx else "avx512"
+        assert large_k == ["fused", "fused", ours, ours, ours, "gemm", "gemm", "gemm"]
+        if amx:
+            assert small_k == ["fused", "fused"] + ["amx"] * 5 + ["gemm"]
+        else:
+            assert small_k == large_k
     finally:
         cpu.amx_usable.cache_clear()
 
@@ -179,18 +186,20 @@ TOL_BF16_PROMPT = 0.15
 @needs_cpu_kernels
 @pytest.mark.parametrize("onednn_cap", [None, "AVX512_CORE_BF16"])
 def test_long_and_short_prompts_through_every_cpu_path_match_hf(tiny, onednn_cap):
-    """One sequence at a time (max_num_seqs=1), so each prefill is a step of its own: the
-    600-token one runs every 4-bit layer through dequantize + GEMM, the 48-token one
-    through our AMX kernel on AMX CPUs and our AVX512-BF16 kernel elsewhere; the decode
-    steps (one token) run the fused kernel. On AMX CPUs, oneDNN capped below AMX (as on
-    CPUs without it) sends the short prompt through the AVX512-BF16 kernel instead.
-    Prompt logprobs, first-token top-5 and greedy tokens, held to HF's bf16 run on this
-    CPU (the fused kernel everywhere)."""
+    """One sequence at a time (max_num_seqs=1), so each prefill is a step of its own. On
+    AMX CPUs both prefills run our AMX kernel (the tiny model's K is small: the 600-token
+    one takes its many-row path, decoding groups of blocks); with oneDNN capped below AMX
+    (as on CPUs without it; the only run there) the 600-token one runs every 4-bit layer
+    through dequantize + GEMM and the 48-token one through our AVX512-BF16 kernel. The
+    decode steps (one token) run the fused kernel. Prompt logprobs, first-token top-5 and
+    greedy tokens, held to HF's bf16 run on this CPU (the fused kernel everywhere)."""
     if onednn_cap and not cpu.amx_usable():
         pytest.skip("no AMX here: the uncapped engine runs the AVX512-BF16 kernel already")
-    assert LONG_PROMPT_TOKENS >= cpu.GEMM_MIN_TOKENS
-    assert cpu.KERNEL_MIN_TOKENS <= SHORT_PROMPT_TOKENS < cpu.GEMM_MIN_TOKENS
     ckpt = tiny["llama-nf4-dq"]
+    config = json.loads((ckpt / "config.json").read_text())
+    assert max(config["hidden_size"], config["intermediate_size"]) <= cpu.AMX_SMALL_K
+    assert cpu.GEMM_MIN_TOKENS <= LONG_PROMPT_TOKENS < cpu.AMX_GEMM_MIN_TOKENS_SMALL_K
+    assert cpu.KERNEL_MIN_TOKENS <= SHORT_PROMPT_TOKENS < cpu.GEMM_MIN_TOKENS
     prompts = _prompts(ckpt)
     env = {"ONEDNN_MAX_CPU_ISA": onednn_cap} if onednn_cap else None
     got = run_llm(str(ckpt), prompts, env=env, load_format="bitsandbytes", dtype="bfloat16",

@@ -391,7 +391,7 @@ NO_CALLS = {"gemm": [], "amx": [], "avx512": []}
 
 def _path_boundaries() -> list[int]:
     """Row counts on both sides of every switch between paths."""
-    edges = [cpu.KERNEL_MIN_TOKENS, cpu.GEMM_MIN_TOKENS]
+    edges = [cpu.KERNEL_MIN_TOKENS, cpu.GEMM_MIN_TOKENS, cpu.AMX_GEMM_MIN_TOKENS_SMALL_K]
     return sorted({1, *edges, *(e - 1 for e in edges), 17, edges[-1] * 2 + 3})
 
 
@@ -433,7 +433,7 @@ def test_cpu_forward_takes_the_path_for_its_token_count(
         got = _forward(layer, x).float()
         expected = _bnb_reference(x, tensors, shards, quant).float()
         torch.testing.assert_close(got, expected, rtol=2e-2, atol=2e-2)
-        taken = cpu.forward_path(m)
+        taken = cpu.forward_path(m, shards[0][3])
         if taken != "fused":
             expected_calls[taken] += [m] * len(layer.bnb_parts)
     assert calls == expected_calls
@@ -469,7 +469,7 @@ def test_gemm_path_dequantizes_in_bounded_blocks(tmp_path, monkeypatch):
     monkeypatch.setattr(cpu, "SCRATCH_ELEMENTS", 64 * HIDDEN)  # 8 blocks of 64 rows
     monkeypatch.setattr(cpu, "_scratch", torch.empty(0, dtype=torch.bfloat16))
     calls = _spy_paths(monkeypatch)
-    m = cpu.GEMM_MIN_TOKENS
+    m = cpu.AMX_GEMM_MIN_TOKENS_SMALL_K  # the GEMM path's for any K, with AMX or without
     x = torch.randn(m, HIDDEN, generator=torch.Generator().manual_seed(4)).to(torch.bfloat16)
     got = _forward(layer, x).float()
     torch.testing.assert_close(got, _bnb_reference(x, tensors, shards, quant).float(),

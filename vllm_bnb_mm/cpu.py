@@ -52,17 +52,22 @@ def request_amx_tile_state() -> None:
 # - "gemm": dequantize into a scratch buffer, then oneDNN's bf16 GEMM.
 # The kernels' products are bit-identical to the "gemm" path's (bf16-rounded weights).
 # Measured with scripts/cpu_crossover.py (one thread, min over repetitions, four shapes;
-# results/bench/crossover*.json, notes/performance.md); every path's cost scales with the
-# weight's size, so the crossovers depend on the ISA, not on the shape:
-# - AMX: the AMX kernel beats the fused one from M = 3-4 and oneDNN's GEMM up to M =
-#   256-512; without AMX (oneDNN capped at AVX512_CORE_BF16) our AVX512-BF16 kernel beats
-#   the fused one from M = 8 and the GEMM path up to 256-512.
+# results/bench/crossover.json, notes/performance.md); the crossovers depend on the ISA
+# and, for the AMX kernel's many-row path, on K:
+# - AMX: the AMX kernel beats the fused one from M = 3-4. Against oneDNN's GEMM it wins
+#   up to M = 2048 where K <= 2048 (it decodes 4-8 blocks of 32 weight rows at once and
+#   reads x once per group: 0.53-0.94x the GEMM's time at 256-2048), and up to ~512
+#   for larger K (one or two blocks per group; 1536 x 6144: 1.27x the GEMM's time at 512).
+# - Without AMX (oneDNN capped at AVX512_CORE_BF16) our AVX512-BF16 kernel beats the
+#   fused one from M = 8 and the GEMM path up to 256-512.
 # - Both kernels start at 16 all the same: like the GEMM path they round each dequantized
 #   weight to bf16, and their arithmetic differs from the fused kernel's (what
 #   transformers runs); a tiny random audio encoder run on 13 frames through the AMX kernel
 #   moved an audio placeholder's logprob by 2.8 against HF (notes/performance.md).
 KERNEL_MIN_TOKENS = 16
 GEMM_MIN_TOKENS = 512
+AMX_SMALL_K = 2048
+AMX_GEMM_MIN_TOKENS_SMALL_K = 2048
 
 
 @functools.cache
@@ -76,13 +81,15 @@ def amx_usable() -> bool:
             and hasattr(lib, "gemm_4bit_amx"))
 
 
-def forward_path(tokens: int) -> str:
-    """"fused", "amx", "avx512" or "gemm" for a bf16 step of `tokens` rows (see above)."""
+def forward_path(tokens: int, k: int) -> str:
+    """"fused", "amx", "avx512" or "gemm" for a bf16 step of `tokens` rows into a weight
+    with `k` inputs (see above)."""
     if kernels() is None or tokens < KERNEL_MIN_TOKENS:
         return "fused"
-    if tokens >= GEMM_MIN_TOKENS:
-        return "gemm"
-    return "amx" if amx_usable() else "avx512"
+    if not amx_usable():
+        return "avx512" if tokens < GEMM_MIN_TOKENS else "gemm"
+    limit = AMX_GEMM_MIN_TOKENS_SMALL_K if k <= AMX_SMALL_K else GEMM_MIN_TOKENS
+    return "amx" if tokens < limit else "gemm"
 
 
 # ------------------------------------------------------------- C routines
@@ -182,8 +189,8 @@ def matmul_4bit(x: torch.Tensor, weight: torch.Tensor, state: QuantState) -> tor
     fastest for M tokens. bf16 activations only leave the fused kernel: the other paths
     round their output to bf16, where the fused kernel (what transformers runs) keeps a
     float32 model's activations float32."""
-    path = forward_path(x.shape[0]) if x.dtype == torch.bfloat16 else "fused"
     n, k = state.shape
+    path = forward_path(x.shape[0], k) if x.dtype == torch.bfloat16 else "fused"
     if path in ("amx", "avx512") and kernel_fits(n, k, state.blocksize):
         gemm = gemm_4bit_amx if path == "amx" else gemm_4bit_avx512
         return gemm(x, weight, state.absmax, state.code, n, k, state.blocksize)
