@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import importlib
 
-from . import gemma4
+from . import gemma4, qwen3_vl_moe
 
-ADAPTERS = (gemma4,)
+ADAPTERS = (gemma4, qwen3_vl_moe)
 
 
 def register_adapters() -> None:
