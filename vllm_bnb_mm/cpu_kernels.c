@@ -129,8 +129,9 @@ static inline void decode_piece(const uint8_t *src, const uint16_t *s, __m512 lu
 /* ------------------------------------------------------------------ AVX512-BF16 GEMM
  *
  * out[M, N] (bf16) = x[M, K] (bf16) @ W^T straight from the kernel layout, for AVX512-BF16
- * CPUs without AMX (Zen 4/5, Cooper Lake), where oneDNN's bf16 GEMM is no faster than
- * bitsandbytes' fused kernel. As the AMX kernel: each piece of W decoded once per call (per
+ * CPUs without AMX (Zen 4/5, Cooper Lake), where every path is bound by its bf16 dot
+ * products beyond a few rows and bitsandbytes' fused kernel decodes the weight again for
+ * every 4 rows of x. As the AMX kernel: each piece of W decoded once per call (per
  * 64 rows of x) into L1, then VDPBF16PS accumulates in float32 for every row of x; the
  * products are those of dequantize + bf16 GEMM, only the order of the float32 sums differs. */
 
