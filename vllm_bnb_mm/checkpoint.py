@@ -294,6 +294,9 @@ def find_unpaired_packed_weights(layout: CheckpointLayout) -> list[TensorInfo]:
 # in config.json or with `--hf-overrides '{"bnb_moe_experts": "unquantized"}'`.
 MOE_EXPERTS_KEY = "bnb_moe_experts"
 MOE_EXPERTS_MODES = ("quantize", "unquantized")
+# The blocksize of weights quantized while loading: bitsandbytes' default, which is also
+# all transformers writes (its BitsAndBytesConfig has no blocksize).
+IN_FLIGHT_BLOCKSIZE = 64
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,7 @@ import torch
 from vllm.model_executor.layers.linear import LinearBase, UnquantizedLinearMethod
 from vllm.model_executor.layers.quantization import QuantizationConfig
 
-from .checkpoint import MOE_EXPERTS_KEY, MOE_EXPERTS_MODES
+from .checkpoint import IN_FLIGHT_BLOCKSIZE, MOE_EXPERTS_KEY, MOE_EXPERTS_MODES
 
 ModuleKind = Literal["4bit", "8bit", "plain"]
 
@@ -19,7 +19,6 @@ DEFAULT_PACKED_MODULES = {
     "qkv_proj": ["q_proj", "k_proj", "v_proj"],
     "gate_up_proj": ["gate_proj", "up_proj"],
 }
-
 
 
 class BnbConfig(QuantizationConfig):
@@ -36,7 +35,7 @@ class BnbConfig(QuantizationConfig):
         load_in_8bit: bool = False,
         load_in_4bit: bool = True,
         bnb_4bit_quant_type: str = "nf4",
-        bnb_4bit_blocksize: int = 64,
+        bnb_4bit_blocksize: int = IN_FLIGHT_BLOCKSIZE,
         llm_int8_threshold: float = 6.0,
         llm_int8_skip_modules: list[str] | None = None,
         pre_quantized: bool = False,

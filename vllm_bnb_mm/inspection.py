@@ -21,6 +21,7 @@ import torch
 
 from . import quant_state as qs
 from .checkpoint import (
+    IN_FLIGHT_BLOCKSIZE,
     MOE_EXPERTS_KEY,
     CheckpointLayout,
     FileReader,
@@ -452,11 +453,6 @@ def _k_eq_v_problem(modules: list[ModuleInfo]) -> list[Problem]:
         "Nothing to fix: load with --load-format bitsandbytes and vllm-bnb-mm.",
         [m.name for m in keqv[:5]],
     )]
-
-
-# The loader quantizes unquantized MoE experts with the config's settings; transformers
-# writes no blocksize, so 64, bitsandbytes' default.
-IN_FLIGHT_BLOCKSIZE = 64
 
 
 def experts_quantized_at_load(config: dict) -> str | None:
