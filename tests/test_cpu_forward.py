@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import logging
 
+import bitsandbytes as bnb
 import pytest
 import torch
 from bitsandbytes import functional as bnbf
@@ -77,6 +78,16 @@ def _our_kernel(name: str):
     return {"amx": cpu.gemm_4bit_amx, "avx512": cpu.gemm_4bit_avx512}[name]
 
 
+def _codes_times_scales(packed: torch.Tensor, state, shape) -> torch.Tensor:
+    """float64 W = bf16(code[q]) * scale, bitsandbytes' fused kernel's weight values (the
+    scales are the bf16 block scales the kernel layout keeps)."""
+    n, k = shape
+    q = torch.stack([packed >> 4, packed & 0xF], dim=1).reshape(-1).long()  # high nibble first
+    codes = state.code.to(torch.bfloat16).double()[q]
+    scales = state.absmax.to(torch.bfloat16).double().repeat_interleave(state.blocksize)
+    return (codes * scales[: n * k]).reshape(n, k)
+
+
 @pytest.mark.parametrize("kernel_name", ["amx", "avx512"])
 @pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
 @pytest.mark.parametrize("shape,blocksize", [((64, 128), 64), ((96, 256), 32),
@@ -85,20 +96,26 @@ def _our_kernel(name: str):
 def test_our_kernels_are_the_product_with_bitsandbytes_dequantized_weight(
     kernel_name, quant_type, shape, blocksize, m
 ):
-    """Every output is x @ W^T for W = bitsandbytes' bf16 dequantization, summed in float32
-    and rounded once to bf16: within half a bf16 step of the float64 product, plus the
-    float32 sum's rounding. The same bits whatever the number of threads. 70 rows: more
-    than one chunk of rows in both kernels, and a partial last one."""
+    """Every output is x @ W^T summed in float32 and rounded once to bf16: within half a bf16
+    step of the float64 product, plus the float32 sum's rounding. W is bitsandbytes' bf16
+    dequantization (bf16(code[q] * scale)), except in the AMX kernel up to 16 rows, which
+    computes as bitsandbytes' fused kernel does: W = bf16(code[q]) * scale (the scale
+    applied to float32 block sums, one more float32 rounding per block). The same bits
+    whatever the number of threads. 70 rows: more than one chunk of rows in both kernels,
+    and a partial last one."""
     gemm = _our_kernel(kernel_name)
     n, k = shape
     g = torch.Generator().manual_seed(n + k + m)
     w = torch.randn(n, k, generator=g) * 0.05
     packed, state = qs.quantize_4bit(w, quant_type, blocksize, torch.bfloat16)
     kernel, kstate = qs.repack_for_cpu_kernel(packed, state)
-    bf16_scales = qs._with(state, state.absmax.to(torch.bfloat16).float(), (n, k))
-    weight = qs.dequantize_4bit(packed, bf16_scales, torch.bfloat16).reshape(n, k)
+    if kernel_name == "amx" and m <= 16:
+        weight = _codes_times_scales(packed, state, shape)
+    else:
+        bf16_scales = qs._with(state, state.absmax.to(torch.bfloat16).float(), (n, k))
+        weight = qs.dequantize_4bit(packed, bf16_scales, torch.bfloat16).reshape(n, k).double()
     x = torch.randn(m, k, generator=g).to(torch.bfloat16)
-    exact = x.double() @ weight.double().t()
+    exact = x.double() @ weight.t()
     threads = torch.get_num_threads()
     outs = []
     try:
@@ -108,18 +125,48 @@ def test_our_kernels_are_the_product_with_bitsandbytes_dequantized_weight(
     finally:
         torch.set_num_threads(threads)
     got = outs[0].double()
-    sum_error = (x.double().abs() @ weight.double().abs().t()) * k * 2.0**-24
+    sum_error = (x.double().abs() @ weight.abs().t()) * k * 2.0**-24
     assert torch.all((got - exact).abs() <= exact.abs() * 2.0**-8 + sum_error)
     assert torch.equal(outs[0], outs[1])
+
+
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+@pytest.mark.parametrize("shape,blocksize", [((64, 128), 64), ((96, 256), 32),
+                                             ((256, 1024), 256), ((6144, 1536), 64)])
+@pytest.mark.parametrize("m", [1, 4, 15, 16])
+def test_amx_kernel_up_to_16_rows_computes_what_bitsandbytes_fused_kernel_does(
+    quant_type, shape, blocksize, m
+):
+    """Decode steps replace bitsandbytes' fused kernel (what transformers runs on this CPU)
+    by ours: the outputs are its outputs. Only the order of the float32 sums differs, so an
+    output may differ by one bf16 step where its sum falls near a rounding boundary, plus
+    the float32 sums' rounding where terms cancel (measured over three seeds: at most one
+    output in 960)."""
+    gemm = _our_kernel("amx")
+    n, k = shape
+    g = torch.Generator().manual_seed(n + k + m + 1)
+    packed, state = qs.quantize_4bit(torch.randn(n, k, generator=g) * 0.02, quant_type,
+                                     blocksize, torch.bfloat16)
+    kernel, kstate = qs.repack_for_cpu_kernel(packed, state)
+    x = torch.randn(m, k, generator=g).to(torch.bfloat16)
+    theirs = bnb.matmul_4bit(x, kernel, quant_state=kstate)
+    ours = gemm(x, kernel, kstate.absmax, kstate.code, n, k, blocksize)
+    differ = ours != theirs
+    assert differ.float().mean().item() <= 2e-3
+    weight = _codes_times_scales(packed, state, shape)
+    sum_error = (x.double().abs() @ weight.abs().t()) * k * 2.0**-24
+    bound = theirs.double().abs() * 2.0**-7 + 2 * sum_error
+    assert torch.all((ours.double() - theirs.double()).abs() <= bound)
 
 
 @pytest.mark.parametrize("cap,amx_expected", [
     (None, True), ("AVX512_CORE_BF16", False), ("AVX512_CORE_AMX", True), ("ALL", True),
 ])
 def test_paths_follow_the_isa_onednn_may_use(monkeypatch, cap, amx_expected):
-    """Fused up to 15 tokens; from 16 the AMX kernel with AMX (and not capped off), the
-    AVX512-BF16 kernel without; oneDNN's GEMM from 512, or with AMX and K <= 2048 from
-    2048 (the crossovers measured by scripts/cpu_crossover.py, notes/performance.md)."""
+    """With AMX (not capped off): the AMX kernel from one token (up to 16 rows it computes
+    what the fused kernel does). Without: fused up to 15 tokens, the AVX512-BF16 kernel
+    from 16. oneDNN's GEMM from 512, or with AMX and K <= 2048 from 2048 (the crossovers
+    measured by scripts/cpu_crossover.py, notes/performance.md)."""
     if cap is None:
         monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
     else:
@@ -135,11 +182,11 @@ def test_paths_follow_the_isa_onednn_may_use(monkeypatch, cap, amx_expected):
             return
         amx = amx_expected and torch.cpu._is_amx_tile_supported()
         assert cpu.amx_usable() == amx
-        ours = "amx" if amx else "avx512"
-        assert large_k == ["fused", "fused", ours, ours, ours, "gemm", "gemm", "gemm"]
         if amx:
-            assert small_k == ["fused", "fused"] + ["amx"] * 5 + ["gemm"]
+            assert large_k == ["amx"] * 5 + ["gemm"] * 3
+            assert small_k == ["amx"] * 7 + ["gemm"]
         else:
+            assert large_k == ["fused", "fused"] + ["avx512"] * 3 + ["gemm"] * 3
             assert small_k == large_k
     finally:
         cpu.amx_usable.cache_clear()

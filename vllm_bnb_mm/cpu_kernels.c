@@ -203,11 +203,14 @@ void gemm_4bit_avx512(const uint16_t *x, const uint8_t *kernel, const uint16_t *
  *
  * out[M, N] (bf16) = x[M, K] (bf16) @ W^T straight from the kernel layout, for CPUs with
  * AMX. bitsandbytes' fused kernel decodes the whole weight again for every few rows of x;
- * this decodes each 32 x 32 piece of W once per call, exactly as `dequantize_t` does
- * (bf16(code[q] * scale)), into the VNNI tile layout AMX multiplies (row r of a B tile:
- * 16 columns n, each the pair W[n, 2r], W[n, 2r + 1]), and lets TDPBF16PS accumulate in
- * float32 for up to 16 rows of x at a time. The products are those of dequantize + bf16
- * GEMM; only the order of the float32 sums differs.
+ * this decodes each 32 x 32 piece of W once per call into the VNNI tile layout AMX
+ * multiplies (row r of a B tile: 16 columns n, each the pair W[n, 2r], W[n, 2r + 1]) and
+ * lets TDPBF16PS accumulate in float32, up to 16 rows of x at a time. Two arithmetics:
+ * - up to 16 rows (decode steps): the fused kernel's own, bf16 code values with the block
+ *   scales applied to float32 block sums (the same bits as bitsandbytes' fused kernel but
+ *   for the order of the float32 sums);
+ * - more rows (prefill): dequantize + bf16 GEMM's, bf16(code[q] * scale) as `dequantize_t`
+ *   computes it, each block of weights decoded once for every row of x.
  *
  * Tiles: 0, 1 accumulate rows of x against output columns 32 nb + [0, 16) and
  * [16, 32); 2 holds 16 rows x 32 columns of x; 3, 4 hold the matching two B tiles; with
@@ -252,24 +255,90 @@ static inline void round_rows(float c[16][32], uint16_t *out, int64_t n, int64_t
     }
 }
 
-/* Up to 16 rows of x against rows 32 nb .. 32 nb + 31 of W: decode and multiply piece by
- * piece (`work`: 1024 bf16, stays in L1). */
+/* Up to 16 rows: bitsandbytes' fused kernel's arithmetic (what transformers runs on these
+ * CPUs): bf16 code values times bf16 x summed in float32 over each quantization block,
+ * then times the block's scale in float32. Decoding a piece is then one widen and two
+ * 16-bit table lookups per 64 weights (no multiply, no conversion), and the scales cost
+ * one float32 FMA per block, row and output. */
+
+/* bf16(code[q]) (round to nearest even) in 16-bit lanes 0-15, for _mm512_permutexvar_epi16. */
+static inline __m512i bf16_code_table(const float *code) {
+    return _mm512_castsi256_si512((__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(code)));
+}
+
+/* As decode_piece, but code values only: byte i of a row's 32 bytes is lane i of both B
+ * tiles' row (low nibble: rows n < 16, high nibble: rows n >= 16). */
+static inline void decode_piece_codes(const uint8_t *src, __m512i table, uint16_t *b) {
+    const __m512i nibble = _mm512_set1_epi16(0xF);
+    for (int r = 0; r < 16; ++r, src += 32) {
+        const __m512i q = _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i *)src));
+        _mm512_store_si512(b + 32 * r, _mm512_permutexvar_epi16(_mm512_and_si512(q, nibble), table));
+        _mm512_store_si512(b + 512 + 32 * r, _mm512_permutexvar_epi16(_mm512_srli_epi16(q, 4), table));
+    }
+}
+
+/* Block sums wait in `sums` until SCALED_BLOCKS of them are stored, then are scaled into
+ * acc row by row: the loads of a tile store come long after it (a vector load right
+ * after a tile store stalls), and acc is read and written once per group, not per block. */
+#define SCALED_BLOCKS 8
+
+static inline void add_scaled_sums(float acc[16][32], float sums[SCALED_BLOCKS][16][32],
+                                   const uint16_t *const *scales, int blocks, int rows) {
+    __m512 lo[SCALED_BLOCKS], hi[SCALED_BLOCKS];
+    for (int b = 0; b < blocks; ++b) {
+        lo[b] = bf16x16_to_f32(scales[b]);
+        hi[b] = bf16x16_to_f32(scales[b] + 16);
+    }
+    for (int r = 0; r < rows; ++r) {
+        __m512 a_lo = _mm512_load_ps(&acc[r][0]), a_hi = _mm512_load_ps(&acc[r][16]);
+        for (int b = 0; b < blocks; ++b) {
+            a_lo = _mm512_fmadd_ps(_mm512_load_ps(&sums[b][r][0]), lo[b], a_lo);
+            a_hi = _mm512_fmadd_ps(_mm512_load_ps(&sums[b][r][16]), hi[b], a_hi);
+        }
+        _mm512_store_ps(&acc[r][0], a_lo);
+        _mm512_store_ps(&acc[r][16], a_hi);
+    }
+}
+
+/* Up to 16 rows of x against rows 32 nb .. 32 nb + 31 of W, piece by piece (`work`: 1024
+ * bf16, stays in L1); tiles 0, 1 hold one quantization block's sums. */
 static void gemm_block_few_rows(const uint16_t *x, const uint8_t *kernel,
-                                const uint16_t *scales, __m512 lut, uint16_t *out,
+                                const uint16_t *scales, __m512i table, uint16_t *out,
                                 uint16_t *work, int64_t m, int64_t n, int64_t k,
                                 int64_t blocksize, int64_t nb) {
     const uint8_t *w = kernel + nb * (k / 2) * 32;
-    _tile_zero(0);
-    _tile_zero(1);
-    for (int64_t kt = 0; kt < k / 32; ++kt) {
-        decode_piece(w + kt * 512, scales + (32 * kt / blocksize) * n + 32 * nb, lut, work);
+    const int64_t pieces = k / 32, per_block = blocksize / 32;
+    float acc[16][32] __attribute__((aligned(64)));
+    float sums[SCALED_BLOCKS][16][32] __attribute__((aligned(64)));
+    const uint16_t *block_scales[SCALED_BLOCKS];
+    int stored = 0;
+    memset(acc, 0, sizeof acc);
+    for (int64_t kt = 0; kt < pieces; ++kt) {
+        if (kt % per_block == 0) {
+            _tile_zero(0);
+            _tile_zero(1);
+        }
+        decode_piece_codes(w + kt * 512, table, work);
         _tile_loadd(2, x + 32 * kt, k * 2);
         _tile_loadd(3, work, 64);
         _tile_loadd(4, work + 512, 64);
         _tile_dpbf16ps(0, 2, 3);
         _tile_dpbf16ps(1, 2, 4);
+        if (kt % per_block == per_block - 1 || kt == pieces - 1) {  /* a block (or K) ends */
+            _tile_stored(0, &sums[stored][0][0], 128);
+            _tile_stored(1, &sums[stored][0][16], 128);
+            block_scales[stored++] = scales + (32 * kt / blocksize) * n + 32 * nb;
+            if (stored == SCALED_BLOCKS || kt == pieces - 1) {
+                add_scaled_sums(acc, sums, block_scales, stored, (int)m);
+                stored = 0;
+            }
+        }
     }
-    STORE_ROWS(out, n, 0, (int)m, nb, 0, 1);
+    for (int r = 0; r < m; ++r) {
+        const __m512i v = (__m512i)_mm512_cvtne2ps_pbh(_mm512_load_ps(&acc[r][16]),
+                                                       _mm512_load_ps(&acc[r][0]));
+        _mm512_storeu_si512(out + r * n + 32 * nb, v);
+    }
 }
 
 /* Every row of x against `group` blocks of 32 rows of W from nb: decode the blocks once
@@ -345,6 +414,7 @@ int gemm_4bit_amx(const uint16_t *x, const uint8_t *kernel, const uint16_t *scal
                   const float *code, uint16_t *out, int64_t m, int64_t n, int64_t k,
                   int64_t blocksize) {
     const __m512 lut = _mm512_loadu_ps(code);
+    const __m512i table = bf16_code_table(code);
     int failed = 0;
 #pragma omp parallel
     {
@@ -363,7 +433,7 @@ int gemm_4bit_amx(const uint16_t *x, const uint8_t *kernel, const uint16_t *scal
             configure_tiles(m < 16 ? (int)m : 16);
             for (int64_t nb = nb0; nb < nb1; nb += m <= 16 ? 1 : group) {
                 if (m <= 16)
-                    gemm_block_few_rows(x, kernel, scales, lut, out, work, m, n, k, blocksize, nb);
+                    gemm_block_few_rows(x, kernel, scales, table, out, work, m, n, k, blocksize, nb);
                 else
                     gemm_group_many_rows(x, kernel, scales, lut, out, work, m, n, k, blocksize,
                                          nb, nb1 - nb < group ? nb1 - nb : group);
