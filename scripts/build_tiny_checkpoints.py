@@ -65,7 +65,7 @@ from tiny_families import FAMILIES
 from tiny_families.common import Base, Family, Variant
 
 # Bump whenever the recipe (configs, weights, tokenizer, cases, JSON schema) changes.
-BUILDER_VERSION = "tiny-ckpt-2026.2"
+BUILDER_VERSION = "tiny-ckpt-2026.3"
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_OUT = REPO_ROOT / ".cache" / "tiny"
 # Processes building bases in parallel (each variant still builds exactly as alone).

@@ -21,6 +21,7 @@ from typing import Any
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import bitsandbytes as bnb
+import bitsandbytes.functional as bnbf
 import numpy as np
 import torch
 import transformers
@@ -227,9 +228,29 @@ def load_reference_model(
 
 
 def _log_probs(model: nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
-    with torch.no_grad():
+    with torch.no_grad(), _contiguous_cpu_4bit_inputs():
         logits = model(**inputs, use_cache=False).logits[0]
     return torch.log_softmax(logits.float(), dim=-1)
+
+
+@contextlib.contextmanager
+def _contiguous_cpu_4bit_inputs() -> Iterator[None]:
+    """bitsandbytes' CPU 4-bit kernel (0.50.2, `gemv_4bit` on the AVX512-BF16 layout
+    transformers uses for inference) reads each row of its input as contiguous and takes
+    only the row stride: a transposed view, which Gemma 4's audio tower hands a 4-bit
+    linear, gives a wrong product (1.95 off on a 13 x 64 input whose outputs are at most
+    1.21). The reference is the checkpoint's right answer, so its inputs are made contiguous
+    here, as they are on every other path (GPU, dequantize + matmul)."""
+    original = bnbf.gemv_4bit
+
+    def gemv_4bit(A: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        return original(A.contiguous(), *args, **kwargs)
+
+    bnbf.gemv_4bit = gemv_4bit
+    try:
+        yield
+    finally:
+        bnbf.gemv_4bit = original
 
 
 def _append_token(inputs: dict[str, torch.Tensor], token: int) -> dict[str, torch.Tensor]:

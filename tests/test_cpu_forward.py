@@ -159,6 +159,24 @@ def test_amx_kernel_up_to_16_rows_computes_what_bitsandbytes_fused_kernel_does(
     assert torch.all((ours.double() - theirs.double()).abs() <= bound)
 
 
+@needs_cpu_kernels
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("m", [3, 13, 40])
+def test_a_transposed_activation_view_gives_the_same_product(dtype, m):
+    """Gemma 4's audio tower hands a 4-bit linear a transposed view (row stride 1).
+    bitsandbytes' CPU kernel (0.50.2) reads rows as contiguous whatever the strides, so
+    without a contiguous copy the fused path (float32 activations at every M; bf16 below
+    16 tokens without AMX) computes with the wrong elements."""
+    n, k = 64, 128
+    g = torch.Generator().manual_seed(m)
+    packed, state = qs.quantize_4bit(torch.randn(n, k, generator=g) * 0.05, "nf4", 64, dtype)
+    kernel, kstate = qs.repack_for_cpu_kernel(packed, state)
+    x = torch.randn(k, m, generator=g).to(dtype).t()
+    assert x.stride() == (1, m)
+    assert torch.equal(cpu.matmul_4bit(x, kernel, kstate),
+                       cpu.matmul_4bit(x.contiguous(), kernel, kstate))
+
+
 @pytest.mark.parametrize("cap,amx_expected", [
     (None, True), ("AVX512_CORE_BF16", False), ("AVX512_CORE_AMX", True), ("ALL", True),
 ])

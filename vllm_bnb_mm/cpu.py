@@ -200,7 +200,10 @@ def matmul_4bit(x: torch.Tensor, weight: torch.Tensor, state: QuantState) -> tor
         return gemm(x, weight, state.absmax, state.code, n, k, state.blocksize)
     if path == "gemm":
         return dequantize_and_gemm(x, weight, state)
-    return bnb.matmul_4bit(x, weight, quant_state=state)
+    # bitsandbytes' CPU kernel (0.50.2) takes only the row stride of x and reads each row
+    # as contiguous: a transposed view (Gemma 4's audio tower passes one) gives a wrong
+    # product, so hand it a contiguous copy.
+    return bnb.matmul_4bit(x.contiguous(), weight, quant_state=state)
 
 
 # Largest bf16 block of a weight dequantized at once (elements): 8 MiB stays in the big
