@@ -97,19 +97,19 @@ def test_our_kernels_are_the_product_with_bitsandbytes_dequantized_weight(
     kernel_name, quant_type, shape, blocksize, m
 ):
     """Every output is x @ W^T summed in float32 and rounded once to bf16: within half a bf16
-    step of the float64 product, plus the float32 sum's rounding. W is bitsandbytes' bf16
-    dequantization (bf16(code[q] * scale)), except in the AMX kernel up to 16 rows, which
-    computes as bitsandbytes' fused kernel does: W = bf16(code[q]) * scale (the scale
-    applied to float32 block sums, one more float32 rounding per block). The same bits
-    whatever the number of threads. 70 rows: more than one chunk of rows in both kernels,
-    and a partial last one."""
+    step of the float64 product, plus the float32 sum's rounding. W is what bitsandbytes'
+    fused kernel multiplies, bf16(code[q]) * scale (the scale applied to float32 block
+    sums), except in the AMX kernel beyond 16 rows, which multiplies bitsandbytes' bf16
+    dequantization, bf16(code[q] * scale), as the GEMM path does. The same bits whatever
+    the number of threads. 70 rows: more than one chunk of rows in both kernels, and a
+    partial last one."""
     gemm = _our_kernel(kernel_name)
     n, k = shape
     g = torch.Generator().manual_seed(n + k + m)
     w = torch.randn(n, k, generator=g) * 0.05
     packed, state = qs.quantize_4bit(w, quant_type, blocksize, torch.bfloat16)
     kernel, kstate = qs.repack_for_cpu_kernel(packed, state)
-    if kernel_name == "amx" and m <= 16:
+    if kernel_name == "avx512" or m <= 16:
         weight = _codes_times_scales(packed, state, shape)
     else:
         bf16_scales = qs._with(state, state.absmax.to(torch.bfloat16).float(), (n, k))
@@ -133,16 +133,18 @@ def test_our_kernels_are_the_product_with_bitsandbytes_dequantized_weight(
 @pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
 @pytest.mark.parametrize("shape,blocksize", [((64, 128), 64), ((96, 256), 32),
                                              ((256, 1024), 256), ((6144, 1536), 64)])
-@pytest.mark.parametrize("m", [1, 4, 15, 16])
-def test_amx_kernel_up_to_16_rows_computes_what_bitsandbytes_fused_kernel_does(
-    quant_type, shape, blocksize, m
+@pytest.mark.parametrize("kernel_name,m", [("amx", 1), ("amx", 4), ("amx", 15), ("amx", 16),
+                                           ("avx512", 1), ("avx512", 4), ("avx512", 16),
+                                           ("avx512", 70)])
+def test_our_kernels_compute_what_bitsandbytes_fused_kernel_does(
+    kernel_name, quant_type, shape, blocksize, m
 ):
     """Decode steps replace bitsandbytes' fused kernel (what transformers runs on this CPU)
     by ours: the outputs are its outputs. Only the order of the float32 sums differs, so an
     output may differ by one bf16 step where its sum falls near a rounding boundary, plus
     the float32 sums' rounding where terms cancel (measured over three seeds: at most one
-    output in 960)."""
-    gemm = _our_kernel("amx")
+    output in 960 for the AMX kernel, none for the AVX512-BF16 one)."""
+    gemm = _our_kernel(kernel_name)
     n, k = shape
     g = torch.Generator().manual_seed(n + k + m + 1)
     packed, state = qs.quantize_4bit(torch.randn(n, k, generator=g) * 0.02, quant_type,
@@ -181,10 +183,10 @@ def test_a_transposed_activation_view_gives_the_same_product(dtype, m):
     (None, True), ("AVX512_CORE_BF16", False), ("AVX512_CORE_AMX", True), ("ALL", True),
 ])
 def test_paths_follow_the_isa_onednn_may_use(monkeypatch, cap, amx_expected):
-    """With AMX (not capped off): the AMX kernel from one token (up to 16 rows it computes
-    what the fused kernel does). Without: fused up to 15 tokens, the AVX512-BF16 kernel
-    from 16. oneDNN's GEMM from 512, or with AMX and K <= 2048 from 2048 (the crossovers
-    measured by scripts/cpu_crossover.py, notes/performance.md)."""
+    """Our AMX kernel with AMX (not capped off), our AVX512-BF16 kernel without, from one
+    token (with few rows both compute what the fused kernel does); oneDNN's GEMM from 512,
+    or with AMX and K <= 2048 from 2048 (the crossovers measured by
+    scripts/cpu_crossover.py, notes/performance.md)."""
     if cap is None:
         monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
     else:
@@ -204,7 +206,7 @@ def test_paths_follow_the_isa_onednn_may_use(monkeypatch, cap, amx_expected):
             assert large_k == ["amx"] * 5 + ["gemm"] * 3
             assert small_k == ["amx"] * 7 + ["gemm"]
         else:
-            assert large_k == ["fused", "fused"] + ["avx512"] * 3 + ["gemm"] * 3
+            assert large_k == ["avx512"] * 5 + ["gemm"] * 3
             assert small_k == large_k
     finally:
         cpu.amx_usable.cache_clear()
@@ -241,9 +243,9 @@ def _hf_reference(ckpt, ids: list[int]) -> dict:
     return reference_for_case(model, inputs, torch.bfloat16)
 
 
-# bf16 engine vs HF's bf16 run: the GEMM path and our kernels round where the fused kernel
-# does not (measured 0.056-0.060 on an AMX Xeon); a wrong scale, shard or layout is off by 1
-# and more.
+# bf16 engine vs HF's bf16 run: the GEMM path and the AMX kernel's many-row path round each
+# weight to bf16 where the fused kernel does not (measured 0.056-0.060 on an AMX Xeon); a
+# wrong scale, shard or layout is off by 1 and more.
 TOL_BF16_PROMPT = 0.15
 
 
@@ -256,15 +258,16 @@ def test_long_and_short_prompts_through_every_cpu_path_match_hf(tiny, onednn_cap
     one takes its many-row path, decoding groups of blocks); with oneDNN capped below AMX
     (as on CPUs without it; the only run there) the 600-token one runs every 4-bit layer
     through dequantize + GEMM and the 48-token one through our AVX512-BF16 kernel. The
-    decode steps (one token) run the fused kernel. Prompt logprobs, first-token top-5 and
-    greedy tokens, held to HF's bf16 run on this CPU (the fused kernel everywhere)."""
+    decode steps (one token) run our kernel of the CPU with the fused kernel's arithmetic.
+    Prompt logprobs, first-token top-5 and greedy tokens, held to HF's bf16 run on this CPU
+    (the fused kernel everywhere)."""
     if onednn_cap and not cpu.amx_usable():
         pytest.skip("no AMX here: the uncapped engine runs the AVX512-BF16 kernel already")
     ckpt = tiny["llama-nf4-dq"]
     config = json.loads((ckpt / "config.json").read_text())
     assert max(config["hidden_size"], config["intermediate_size"]) <= cpu.AMX_SMALL_K
     assert cpu.GEMM_MIN_TOKENS <= LONG_PROMPT_TOKENS < cpu.AMX_GEMM_MIN_TOKENS_SMALL_K
-    assert cpu.KERNEL_MIN_TOKENS <= SHORT_PROMPT_TOKENS < cpu.GEMM_MIN_TOKENS
+    assert SHORT_PROMPT_TOKENS < cpu.GEMM_MIN_TOKENS
     prompts = _prompts(ckpt)
     env = {"ONEDNN_MAX_CPU_ISA": onednn_cap} if onednn_cap else None
     got = run_llm(str(ckpt), prompts, env=env, load_format="bitsandbytes", dtype="bfloat16",

@@ -41,32 +41,28 @@ def request_amx_tile_state() -> None:
 # ------------------------------------------------------------- which path for M tokens
 
 # The CPU 4-bit forward has four paths, chosen by the tokens in the step (M):
-# - "fused": bitsandbytes' fused 4-bit kernel. It decodes the whole weight again for every
-#   4 rows of activations, so its cost grows linearly with M (~0.25 ms per row for
-#   6144 x 1536, one thread); the only one for float32 models.
+# - "fused": bitsandbytes' fused 4-bit kernel (what transformers runs on these CPUs). It
+#   decodes the whole weight again for every 4 rows of activations, so its cost grows
+#   linearly with M (~0.25 ms per row for 6144 x 1536, one thread). Left for float32 and
+#   float16 models (it returns their dtype) and for what our kernels cannot take.
 # - "amx": our AMX kernel (cpu_kernels.c, gemm_4bit_amx) decodes the weight once per step
 #   into AMX tiles. Up to 16 rows it computes what the fused kernel computes (bf16 code
-#   values, block scales on float32 sums: the same bits but for the order of the sums) in
-#   0.6-0.75x the fused kernel's time at M = 1 and 0.13x at M = 16; beyond, it rounds each
-#   weight to bf16 as the GEMM path does and is faster than a bf16 GEMM up to M ~ 256.
+#   values, block scales on float32 sums: the same bits but for the order of the sums), in
+#   0.7-0.8x the fused kernel's time at M = 1 and 0.13x at M = 16; beyond, it rounds each
+#   weight to bf16 as the GEMM path does, faster than a bf16 GEMM up to M ~ 256.
 # - "avx512": the same decode feeding AVX512-BF16 dot products (gemm_4bit_avx512), for
-#   CPUs without AMX, where every path is bound by the dot products beyond a few rows: it
-#   saves the fused kernel's repeated decoding (~20 % from M = 16).
+#   CPUs without AMX: the fused kernel's arithmetic (bit-identical in our tests) with each
+#   weight decoded once per 64 rows, 0.8x the fused kernel's time at M = 1, 0.75x at 16.
 # - "gemm": dequantize into a scratch buffer, then oneDNN's bf16 GEMM.
 # Measured with scripts/cpu_crossover.py (one thread, min over repetitions, four shapes;
 # results/bench/crossover.json, notes/performance.md); the crossovers depend on the ISA
 # and, for the AMX kernel's many-row path, on K:
-# - AMX: the AMX kernel beats the fused one at every M. Against oneDNN's GEMM it wins
-#   up to M = 2048 where K <= 2048 (it decodes 4-8 blocks of 32 weight rows at once and
-#   reads x once per group: 0.53-0.94x the GEMM's time at 256-2048), and up to ~512
-#   for larger K (one or two blocks per group; 1536 x 6144: 1.27x the GEMM's time at 512).
-# - Without AMX (oneDNN capped at AVX512_CORE_BF16) our AVX512-BF16 kernel beats the
-#   fused one from M = 8 and the GEMM path up to 256-512. It starts at 16 all the same:
-#   like the GEMM path it rounds each dequantized weight to bf16, which the fused kernel
-#   (what transformers runs) does not; a tiny random audio encoder run on 13 frames with
-#   bf16-rounded weights moved an audio placeholder's logprob by 2.8 against HF
-#   (notes/performance.md).
-KERNEL_MIN_TOKENS = 16
+# - AMX: against oneDNN's GEMM the AMX kernel wins up to M = 2048 where K <= 2048 (it
+#   decodes 4-8 blocks of 32 weight rows at once and reads x once per group: 0.53-0.94x
+#   the GEMM's time at 256-2048), and up to ~512 for larger K (one or two blocks per
+#   group; 1536 x 6144: 1.27x the GEMM's time at 512).
+# - Without AMX (oneDNN capped at AVX512_CORE_BF16) our AVX512-BF16 kernel beats the GEMM
+#   path up to 256-512.
 GEMM_MIN_TOKENS = 512
 AMX_SMALL_K = 2048
 AMX_GEMM_MIN_TOKENS_SMALL_K = 2048
@@ -89,8 +85,6 @@ def forward_path(tokens: int, k: int) -> str:
     if kernels() is None:
         return "fused"
     if not amx_usable():
-        if tokens < KERNEL_MIN_TOKENS:
-            return "fused"
         return "avx512" if tokens < GEMM_MIN_TOKENS else "gemm"
     limit = AMX_GEMM_MIN_TOKENS_SMALL_K if k <= AMX_SMALL_K else GEMM_MIN_TOKENS
     return "amx" if tokens < limit else "gemm"

@@ -7,10 +7,13 @@
  * nibble (j < 16, c < 2). Its block scales are bf16, [K / blocksize, N].
  *
  * bitsandbytes has fast code for plain -> kernel layout only in its fused matmul, and none
- * for kernel layout -> values; these two routines fill those gaps without changing any
- * value: `repack` is the permutation bitsandbytes' _convert_weight_packed_for_cpu applies,
+ * for kernel layout -> values; these routines fill those gaps without changing any value:
+ * `repack` is the permutation bitsandbytes' _convert_weight_packed_for_cpu applies,
  * `dequantize_t` computes bf16(code[q] * scale) exactly as bitsandbytes' CPU
- * dequantize_4bit does (float32 product, round to nearest even).
+ * dequantize_4bit does (float32 product, round to nearest even). The two GEMMs decode each
+ * weight once per call where bitsandbytes' fused kernel decodes it again for every 4 rows
+ * of x; with few rows they compute what that kernel computes (bf16 code values, each
+ * quantization block's float32 sums times its scale).
  */
 #include <immintrin.h>
 #include <omp.h>
@@ -98,10 +101,11 @@ void dequantize_t(const uint8_t *kernel, const uint16_t *scales, const float *co
  * is 16 outputs' two-term dot product. */
 
 /* Columns 32 kt .. 32 kt + 31 of rows 32 nb .. 32 nb + 31 into two B tiles (512 bf16
- * each: rows n < 16, then rows n >= 16). Byte 2j + c of a column pair holds column c of
- * rows j (low nibble) and 16 + j (high nibble): in byte order, the nibbles already are a
- * B tile row in VNNI order (16 rows n, each the pair c = 0, 1), so each byte is widened to
- * one float32 lane and the scales are spread to match (lane 2j + c: row j's scale). */
+ * each: rows n < 16, then rows n >= 16) as bf16(code[q] * scale), the dequantized weight
+ * (the AMX kernel's many-row path). Byte 2j + c of a column pair holds column c of rows j
+ * (low nibble) and 16 + j (high nibble): in byte order, the nibbles already are a B tile
+ * row in VNNI order (16 rows n, each the pair c = 0, 1), so each byte is widened to one
+ * float32 lane and the scales are spread to match (lane 2j + c: row j's scale). */
 static inline void decode_piece(const uint8_t *src, const uint16_t *s, __m512 lut,
                                 uint16_t *b) {
     const __m512i first = _mm512_set_epi32(7, 7, 6, 6, 5, 5, 4, 4, 3, 3, 2, 2, 1, 1, 0, 0);
@@ -126,26 +130,47 @@ static inline void decode_piece(const uint8_t *src, const uint16_t *s, __m512 lu
     }
 }
 
+/* bf16(code[q]) (round to nearest even) in 16-bit lanes 0-15, for _mm512_permutexvar_epi16. */
+static inline __m512i bf16_code_table(const float *code) {
+    return _mm512_castsi256_si512((__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(code)));
+}
+
+/* As decode_piece, but bf16 code values only, for the fused kernel's arithmetic (the scales
+ * are applied to the block sums): byte i of a row's 32 bytes is lane i of both B tiles'
+ * row (low nibble: rows n < 16, high nibble: rows n >= 16). One widen and two 16-bit table
+ * lookups per 64 weights. */
+static inline void decode_piece_codes(const uint8_t *src, __m512i table, uint16_t *b) {
+    const __m512i nibble = _mm512_set1_epi16(0xF);
+    for (int r = 0; r < 16; ++r, src += 32) {
+        const __m512i q = _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i *)src));
+        _mm512_store_si512(b + 32 * r, _mm512_permutexvar_epi16(_mm512_and_si512(q, nibble), table));
+        _mm512_store_si512(b + 512 + 32 * r, _mm512_permutexvar_epi16(_mm512_srli_epi16(q, 4), table));
+    }
+}
+
 /* ------------------------------------------------------------------ AVX512-BF16 GEMM
  *
  * out[M, N] (bf16) = x[M, K] (bf16) @ W^T straight from the kernel layout, for AVX512-BF16
  * CPUs without AMX (Zen 4/5, Cooper Lake), where every path is bound by its bf16 dot
  * products beyond a few rows and bitsandbytes' fused kernel decodes the weight again for
- * every 4 rows of x. As the AMX kernel: each piece of W decoded once per call (per
- * 64 rows of x) into L1, then VDPBF16PS accumulates in float32 for every row of x; the
- * products are those of dequantize + bf16 GEMM, only the order of the float32 sums differs. */
+ * every 4 rows of x. With the fused kernel's arithmetic (bf16 code values, each block's
+ * float32 sums times its scale), each piece of W decoded once per call (per 64 rows of x)
+ * into L1, then VDPBF16PS accumulates in float32 for every row of x. */
 
 #define X_ROWS 8    /* rows of x per register block: 16 accumulators */
 #define X_CHUNK 64  /* rows of x per decoded piece: 8 KB of float32 sums */
 
-/* acc[rows][32] += x[rows][32 columns of the piece] @ piece^T, rows <= X_ROWS. */
+/* sums[rows][32] (+)= x[rows][32 columns of the piece] @ piece^T, rows <= X_ROWS, starting
+ * from zero at a block's first piece; at its last (`s` not NULL), acc += sums * scales
+ * instead of storing the sums. */
 static inline __attribute__((always_inline)) void dot_piece(const uint16_t *x, int64_t k,
-                                                            const uint16_t *b, float *acc,
-                                                            int rows) {
+                                                            const uint16_t *b, float *sums,
+                                                            float *acc, int rows, int first,
+                                                            const uint16_t *s) {
     __m512 lo[X_ROWS], hi[X_ROWS];
     for (int i = 0; i < rows; ++i) {
-        lo[i] = _mm512_load_ps(acc + 32 * i);
-        hi[i] = _mm512_load_ps(acc + 32 * i + 16);
+        lo[i] = first ? _mm512_setzero_ps() : _mm512_load_ps(sums + 32 * i);
+        hi[i] = first ? _mm512_setzero_ps() : _mm512_load_ps(sums + 32 * i + 16);
     }
     for (int r = 0; r < 16; ++r) {
         const __m512bh b_lo = (__m512bh)_mm512_load_si512(b + 32 * r);
@@ -158,27 +183,42 @@ static inline __attribute__((always_inline)) void dot_piece(const uint16_t *x, i
             hi[i] = _mm512_dpbf16_ps(hi[i], xv, b_hi);
         }
     }
+    if (s == NULL) {
+        for (int i = 0; i < rows; ++i) {
+            _mm512_store_ps(sums + 32 * i, lo[i]);
+            _mm512_store_ps(sums + 32 * i + 16, hi[i]);
+        }
+        return;
+    }
+    const __m512 s_lo = bf16x16_to_f32(s), s_hi = bf16x16_to_f32(s + 16);
     for (int i = 0; i < rows; ++i) {
-        _mm512_store_ps(acc + 32 * i, lo[i]);
-        _mm512_store_ps(acc + 32 * i + 16, hi[i]);
+        _mm512_store_ps(acc + 32 * i, _mm512_fmadd_ps(lo[i], s_lo, _mm512_load_ps(acc + 32 * i)));
+        _mm512_store_ps(acc + 32 * i + 16,
+                        _mm512_fmadd_ps(hi[i], s_hi, _mm512_load_ps(acc + 32 * i + 16)));
     }
 }
 
 /* Rows m0 .. m0 + rows - 1 of x (rows <= X_CHUNK) against rows 32 nb .. 32 nb + 31 of W. */
 static void gemm_chunk_avx512(const uint16_t *x, const uint8_t *kernel, const uint16_t *scales,
-                              __m512 lut, uint16_t *out, int64_t m0, int rows, int64_t n,
+                              __m512i table, uint16_t *out, int64_t m0, int rows, int64_t n,
                               int64_t k, int64_t blocksize, int64_t nb) {
     uint16_t piece[1024] __attribute__((aligned(64)));
+    float sums[X_CHUNK * 32] __attribute__((aligned(64)));
     float acc[X_CHUNK * 32] __attribute__((aligned(64)));
     memset(acc, 0, sizeof(float) * 32 * (size_t)rows);
     const uint8_t *w = kernel + nb * (k / 2) * 32;
-    for (int64_t kt = 0; kt < k / 32; ++kt) {
-        decode_piece(w + kt * 512, scales + (32 * kt / blocksize) * n + 32 * nb, lut, piece);
+    const int64_t pieces = k / 32, per_block = blocksize / 32;
+    for (int64_t kt = 0; kt < pieces; ++kt) {
+        decode_piece_codes(w + kt * 512, table, piece);
+        const int first = kt % per_block == 0;
+        const int last = kt % per_block == per_block - 1 || kt == pieces - 1;
+        const uint16_t *s = last ? scales + (32 * kt / blocksize) * n + 32 * nb : NULL;
         const uint16_t *xs = x + m0 * k + 32 * kt;
         int i = 0;
         for (; i + X_ROWS <= rows; i += X_ROWS)
-            dot_piece(xs + i * k, k, piece, acc + 32 * i, X_ROWS);
-        if (i < rows) dot_piece(xs + i * k, k, piece, acc + 32 * i, rows - i);
+            dot_piece(xs + i * k, k, piece, sums + 32 * i, acc + 32 * i, X_ROWS, first, s);
+        if (i < rows)
+            dot_piece(xs + i * k, k, piece, sums + 32 * i, acc + 32 * i, rows - i, first, s);
     }
     for (int i = 0; i < rows; ++i) {
         const __m512i v = (__m512i)_mm512_cvtne2ps_pbh(_mm512_load_ps(acc + 32 * i + 16),
@@ -191,11 +231,11 @@ static void gemm_chunk_avx512(const uint16_t *x, const uint8_t *kernel, const ui
 void gemm_4bit_avx512(const uint16_t *x, const uint8_t *kernel, const uint16_t *scales,
                       const float *code, uint16_t *out, int64_t m, int64_t n, int64_t k,
                       int64_t blocksize) {
-    const __m512 lut = _mm512_loadu_ps(code);
+    const __m512i table = bf16_code_table(code);
 #pragma omp parallel for schedule(static)
     for (int64_t nb = 0; nb < n / 32; ++nb)
         for (int64_t m0 = 0; m0 < m; m0 += X_CHUNK)
-            gemm_chunk_avx512(x, kernel, scales, lut, out, m0,
+            gemm_chunk_avx512(x, kernel, scales, table, out, m0,
                               m - m0 < X_CHUNK ? (int)(m - m0) : X_CHUNK, n, k, blocksize, nb);
 }
 
@@ -260,22 +300,6 @@ static inline void round_rows(float c[16][32], uint16_t *out, int64_t n, int64_t
  * then times the block's scale in float32. Decoding a piece is then one widen and two
  * 16-bit table lookups per 64 weights (no multiply, no conversion), and the scales cost
  * one float32 FMA per block, row and output. */
-
-/* bf16(code[q]) (round to nearest even) in 16-bit lanes 0-15, for _mm512_permutexvar_epi16. */
-static inline __m512i bf16_code_table(const float *code) {
-    return _mm512_castsi256_si512((__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(code)));
-}
-
-/* As decode_piece, but code values only: byte i of a row's 32 bytes is lane i of both B
- * tiles' row (low nibble: rows n < 16, high nibble: rows n >= 16). */
-static inline void decode_piece_codes(const uint8_t *src, __m512i table, uint16_t *b) {
-    const __m512i nibble = _mm512_set1_epi16(0xF);
-    for (int r = 0; r < 16; ++r, src += 32) {
-        const __m512i q = _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i *)src));
-        _mm512_store_si512(b + 32 * r, _mm512_permutexvar_epi16(_mm512_and_si512(q, nibble), table));
-        _mm512_store_si512(b + 512 + 32 * r, _mm512_permutexvar_epi16(_mm512_srli_epi16(q, 4), table));
-    }
-}
 
 /* Block sums wait in `sums` until SCALED_BLOCKS of them are stored, then are scaled into
  * acc row by row: the loads of a tile store come long after it (a vector load right
