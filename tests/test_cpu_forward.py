@@ -92,14 +92,14 @@ def _codes_times_scales(packed: torch.Tensor, state, shape) -> torch.Tensor:
 @pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
 @pytest.mark.parametrize("shape,blocksize", [((64, 128), 64), ((96, 256), 32),
                                              ((256, 1024), 256), ((160, 4096), 128)])
-@pytest.mark.parametrize("m", [1, 3, 16, 17, 40, 70])
+@pytest.mark.parametrize("m", [1, 3, 16, 17, 32, 33, 40, 70])
 def test_our_kernels_are_the_product_with_bitsandbytes_dequantized_weight(
     kernel_name, quant_type, shape, blocksize, m
 ):
     """Every output is x @ W^T summed in float32 and rounded once to bf16: within half a bf16
     step of the float64 product, plus the float32 sum's rounding. W is what bitsandbytes'
     fused kernel multiplies, bf16(code[q]) * scale (the scale applied to float32 block
-    sums), except in the AMX kernel beyond 16 rows, which multiplies bitsandbytes' bf16
+    sums), except in the AMX kernel beyond 32 rows, which multiplies bitsandbytes' bf16
     dequantization, bf16(code[q] * scale), as the GEMM path does. The same bits whatever
     the number of threads. 70 rows: more than one chunk of rows in both kernels, and a
     partial last one."""
@@ -109,7 +109,7 @@ def test_our_kernels_are_the_product_with_bitsandbytes_dequantized_weight(
     w = torch.randn(n, k, generator=g) * 0.05
     packed, state = qs.quantize_4bit(w, quant_type, blocksize, torch.bfloat16)
     kernel, kstate = qs.repack_for_cpu_kernel(packed, state)
-    if kernel_name == "avx512" or m <= 16:
+    if kernel_name == "avx512" or m <= 32:
         weight = _codes_times_scales(packed, state, shape)
     else:
         bf16_scales = qs._with(state, state.absmax.to(torch.bfloat16).float(), (n, k))
@@ -133,9 +133,9 @@ def test_our_kernels_are_the_product_with_bitsandbytes_dequantized_weight(
 @pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
 @pytest.mark.parametrize("shape,blocksize", [((64, 128), 64), ((96, 256), 32),
                                              ((256, 1024), 256), ((6144, 1536), 64)])
-@pytest.mark.parametrize("kernel_name,m", [("amx", 1), ("amx", 4), ("amx", 15), ("amx", 16),
-                                           ("avx512", 1), ("avx512", 4), ("avx512", 16),
-                                           ("avx512", 70)])
+@pytest.mark.parametrize("kernel_name,m", [("amx", 1), ("amx", 4), ("amx", 16), ("amx", 17),
+                                           ("amx", 32), ("avx512", 1), ("avx512", 4),
+                                           ("avx512", 16), ("avx512", 70)])
 def test_our_kernels_compute_what_bitsandbytes_fused_kernel_does(
     kernel_name, quant_type, shape, blocksize, m
 ):

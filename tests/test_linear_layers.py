@@ -392,8 +392,9 @@ NO_CALLS = {"gemm": [], "amx": [], "avx512": []}
 def _path_boundaries() -> list[int]:
     """Row counts on both sides of every switch between paths."""
     edges = [cpu.GEMM_MIN_TOKENS, cpu.AMX_GEMM_MIN_TOKENS_SMALL_K]
-    # 16 / 17: the AMX kernel's few-row (fused kernel's arithmetic) and many-row paths
-    return sorted({1, 16, 17, *edges, *(e - 1 for e in edges), edges[-1] * 2 + 3})
+    # 16 / 17 / 32 / 33: the AMX kernel's one and two tiles of rows (the fused kernel's
+    # arithmetic), then its many-row path
+    return sorted({1, 16, 17, 32, 33, *edges, *(e - 1 for e in edges), edges[-1] * 2 + 3})
 
 
 @pytest.fixture(params=[None, "AVX512_CORE_BF16"], ids=["isa-as-is", "isa-no-amx"])

@@ -46,7 +46,7 @@ def request_amx_tile_state() -> None:
 #   linearly with M (~0.25 ms per row for 6144 x 1536, one thread). Left for float32 and
 #   float16 models (it returns their dtype) and for what our kernels cannot take.
 # - "amx": our AMX kernel (cpu_kernels.c, gemm_4bit_amx) decodes the weight once per step
-#   into AMX tiles. Up to 16 rows it computes what the fused kernel computes (bf16 code
+#   into AMX tiles. Up to 32 rows it computes what the fused kernel computes (bf16 code
 #   values, block scales on float32 sums: the same bits but for the order of the sums), in
 #   0.7-0.8x the fused kernel's time at M = 1 and 0.13x at M = 16; beyond, it rounds each
 #   weight to bf16 as the GEMM path does, faster than a bf16 GEMM up to M ~ 256.

@@ -143,8 +143,9 @@ static inline void decode_piece_codes(const uint8_t *src, __m512i table, uint16_
     const __m512i nibble = _mm512_set1_epi16(0xF);
     for (int r = 0; r < 16; ++r, src += 32) {
         const __m512i q = _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i *)src));
-        _mm512_store_si512(b + 32 * r, _mm512_permutexvar_epi16(_mm512_and_si512(q, nibble), table));
-        _mm512_store_si512(b + 512 + 32 * r, _mm512_permutexvar_epi16(_mm512_srli_epi16(q, 4), table));
+        const __m512i low = _mm512_and_si512(q, nibble), high = _mm512_srli_epi16(q, 4);
+        _mm512_store_si512(b + 32 * r, _mm512_permutexvar_epi16(low, table));
+        _mm512_store_si512(b + 512 + 32 * r, _mm512_permutexvar_epi16(high, table));
     }
 }
 
@@ -246,7 +247,7 @@ void gemm_4bit_avx512(const uint16_t *x, const uint8_t *kernel, const uint16_t *
  * this decodes each 32 x 32 piece of W once per call into the VNNI tile layout AMX
  * multiplies (row r of a B tile: 16 columns n, each the pair W[n, 2r], W[n, 2r + 1]) and
  * lets TDPBF16PS accumulate in float32, up to 16 rows of x at a time. Two arithmetics:
- * - up to 16 rows (decode steps): the fused kernel's own, bf16 code values with the block
+ * - up to 32 rows (decode steps): the fused kernel's own, bf16 code values with the block
  *   scales applied to float32 block sums (the same bits as bitsandbytes' fused kernel but
  *   for the order of the float32 sums);
  * - more rows (prefill): dequantize + bf16 GEMM's, bf16(code[q] * scale) as `dequantize_t`
@@ -254,7 +255,7 @@ void gemm_4bit_avx512(const uint16_t *x, const uint8_t *kernel, const uint16_t *
  *
  * Tiles: 0, 1 accumulate rows of x against output columns 32 nb + [0, 16) and
  * [16, 32); 2 holds 16 rows x 32 columns of x; 3, 4 hold the matching two B tiles; with
- * many rows, 5, 6 and 7 are a second tile of rows' accumulators and x. */
+ * more than 16 rows, 5, 6 and 7 are a second tile of rows' accumulators and x. */
 #if defined(__GNUC__) && (__GNUC__ >= 11 || defined(__clang__))
 #pragma GCC push_options
 #pragma GCC target("amx-tile,amx-bf16")
@@ -265,13 +266,15 @@ struct tile_config {
     uint8_t rows[16];
 };
 
-static void configure_tiles(int rows) {
+/* Tiles 0-2 (first tile of x rows: accumulators and x) get `rows` rows, 5-7 (second tile
+ * of x rows) `rows2`; the B tiles 3, 4 always 16. */
+static void configure_tiles(int rows, int rows2) {
     struct tile_config cfg;
     memset(&cfg, 0, sizeof cfg);
     cfg.palette = 1;
     for (int t = 0; t < 8; ++t) {
         cfg.colsb[t] = 64;
-        cfg.rows[t] = t <= 2 ? (uint8_t)rows : 16;
+        cfg.rows[t] = (uint8_t)(t <= 2 ? rows : t >= 5 ? rows2 : 16);
     }
     _tile_loadconfig(&cfg);
 }
@@ -295,20 +298,22 @@ static inline void round_rows(float c[16][32], uint16_t *out, int64_t n, int64_t
     }
 }
 
-/* Up to 16 rows: bitsandbytes' fused kernel's arithmetic (what transformers runs on these
+/* Up to 32 rows: bitsandbytes' fused kernel's arithmetic (what transformers runs on these
  * CPUs): bf16 code values times bf16 x summed in float32 over each quantization block,
  * then times the block's scale in float32. Decoding a piece is then one widen and two
  * 16-bit table lookups per 64 weights (no multiply, no conversion), and the scales cost
  * one float32 FMA per block, row and output. */
 
-/* Block sums wait in `sums` until SCALED_BLOCKS of them are stored, then are scaled into
- * acc row by row: the loads of a tile store come long after it (a vector load right
- * after a tile store stalls), and acc is read and written once per group, not per block. */
-#define SCALED_BLOCKS 8
+/* Block sums wait in `sums` (16 KB) until it is full, then are scaled into acc row by
+ * row: the loads of a tile store come long after it (a vector load right after a tile
+ * store stalls), and acc is read and written once per group of blocks, not per block. */
+#define SUMS_FLOATS (8 * 16 * 32) /* 8 blocks of 16 rows, or 4 of 32 */
+#define FEW_ROWS 32                /* two tiles of x rows */
 
-static inline void add_scaled_sums(float acc[16][32], float sums[SCALED_BLOCKS][16][32],
+/* acc[r] += sums of block b, row r (at sums + (b * stride + r) * 32) * block b's scales. */
+static inline void add_scaled_sums(float acc[FEW_ROWS][32], const float *sums, int stride,
                                    const uint16_t *const *scales, int blocks, int rows) {
-    __m512 lo[SCALED_BLOCKS], hi[SCALED_BLOCKS];
+    __m512 lo[8], hi[8];
     for (int b = 0; b < blocks; ++b) {
         lo[b] = bf16x16_to_f32(scales[b]);
         hi[b] = bf16x16_to_f32(scales[b] + 16);
@@ -316,44 +321,61 @@ static inline void add_scaled_sums(float acc[16][32], float sums[SCALED_BLOCKS][
     for (int r = 0; r < rows; ++r) {
         __m512 a_lo = _mm512_load_ps(&acc[r][0]), a_hi = _mm512_load_ps(&acc[r][16]);
         for (int b = 0; b < blocks; ++b) {
-            a_lo = _mm512_fmadd_ps(_mm512_load_ps(&sums[b][r][0]), lo[b], a_lo);
-            a_hi = _mm512_fmadd_ps(_mm512_load_ps(&sums[b][r][16]), hi[b], a_hi);
+            const float *row = sums + (b * stride + r) * 32;
+            a_lo = _mm512_fmadd_ps(_mm512_load_ps(row), lo[b], a_lo);
+            a_hi = _mm512_fmadd_ps(_mm512_load_ps(row + 16), hi[b], a_hi);
         }
         _mm512_store_ps(&acc[r][0], a_lo);
         _mm512_store_ps(&acc[r][16], a_hi);
     }
 }
 
-/* Up to 16 rows of x against rows 32 nb .. 32 nb + 31 of W, piece by piece (`work`: 1024
- * bf16, stays in L1); tiles 0, 1 hold one quantization block's sums. */
+/* Up to 32 rows of x against rows 32 nb .. 32 nb + 31 of W, piece by piece (`work`: 1024
+ * bf16, stays in L1); tiles 0, 1 (and 5, 6 for rows 16-31, x in tile 7) hold one
+ * quantization block's sums, so each decoded piece feeds up to four tile products. */
 static void gemm_block_few_rows(const uint16_t *x, const uint8_t *kernel,
                                 const uint16_t *scales, __m512i table, uint16_t *out,
                                 uint16_t *work, int64_t m, int64_t n, int64_t k,
                                 int64_t blocksize, int64_t nb) {
     const uint8_t *w = kernel + nb * (k / 2) * 32;
     const int64_t pieces = k / 32, per_block = blocksize / 32;
-    float acc[16][32] __attribute__((aligned(64)));
-    float sums[SCALED_BLOCKS][16][32] __attribute__((aligned(64)));
-    const uint16_t *block_scales[SCALED_BLOCKS];
+    const int two = m > 16, stride = two ? 32 : 16, capacity = SUMS_FLOATS / (stride * 32);
+    float acc[FEW_ROWS][32] __attribute__((aligned(64)));
+    float sums[SUMS_FLOATS] __attribute__((aligned(64)));
+    const uint16_t *block_scales[8];
     int stored = 0;
-    memset(acc, 0, sizeof acc);
+    memset(acc, 0, sizeof(float) * 32 * (size_t)m);
     for (int64_t kt = 0; kt < pieces; ++kt) {
         if (kt % per_block == 0) {
             _tile_zero(0);
             _tile_zero(1);
+            if (two) {
+                _tile_zero(5);
+                _tile_zero(6);
+            }
         }
         decode_piece_codes(w + kt * 512, table, work);
-        _tile_loadd(2, x + 32 * kt, k * 2);
         _tile_loadd(3, work, 64);
         _tile_loadd(4, work + 512, 64);
+        _tile_loadd(2, x + 32 * kt, k * 2);
         _tile_dpbf16ps(0, 2, 3);
         _tile_dpbf16ps(1, 2, 4);
+        if (two) {
+            _tile_loadd(7, x + 16 * k + 32 * kt, k * 2);
+            _tile_dpbf16ps(5, 7, 3);
+            _tile_dpbf16ps(6, 7, 4);
+        }
         if (kt % per_block == per_block - 1 || kt == pieces - 1) {  /* a block (or K) ends */
-            _tile_stored(0, &sums[stored][0][0], 128);
-            _tile_stored(1, &sums[stored][0][16], 128);
+            float *block = sums + stored * stride * 32;
+            _tile_stored(0, block, 128);
+            _tile_stored(1, block + 16, 128);
+            if (two) {
+                _tile_stored(5, block + 16 * 32, 128);
+                _tile_stored(6, block + 16 * 32 + 16, 128);
+            }
             block_scales[stored++] = scales + (32 * kt / blocksize) * n + 32 * nb;
-            if (stored == SCALED_BLOCKS || kt == pieces - 1) {
-                add_scaled_sums(acc, sums, block_scales, stored, (int)m);
+            if (stored == capacity || kt == pieces - 1) {
+                add_scaled_sums(acc, sums, stride, block_scales, stored, (int)m);
                 stored = 0;
             }
         }
@@ -406,7 +428,7 @@ static void gemm_group_many_rows(const uint16_t *x, const uint8_t *kernel,
     }
     for (; m0 < m; m0 += 16) {
         const int rows = m - m0 < 16 ? (int)(m - m0) : 16;
-        if (rows < 16) configure_tiles(rows);
+        if (rows < 16) configure_tiles(rows, 16);
         for (int64_t g = 0; g < group; ++g) {
             const uint16_t *b = work + g * block;
             _tile_zero(0);
@@ -420,7 +442,7 @@ static void gemm_group_many_rows(const uint16_t *x, const uint8_t *kernel,
             }
             STORE_ROWS(out, n, m0, rows, nb + g, 0, 1);
         }
-        if (rows < 16) configure_tiles(16);
+        if (rows < 16) configure_tiles(16, 16);
     }
 }
 
@@ -448,16 +470,21 @@ int gemm_4bit_amx(const uint16_t *x, const uint8_t *kernel, const uint16_t *scal
         const int64_t me = omp_get_thread_num();
         const int64_t nb0 = blocks * me / threads, nb1 = blocks * (me + 1) / threads;
         const int64_t group = blocks_per_group(k);
+        const int few = m <= FEW_ROWS;
         uint16_t small[1024] __attribute__((aligned(64)));
-        uint16_t *work = m <= 16 ? small : aligned_alloc(64, (size_t)(group * k * 64));
+        uint16_t *work = few ? small : aligned_alloc(64, (size_t)(group * k * 64));
         if (work == NULL) {
 #pragma omp atomic write
             failed = 1;
         } else if (nb0 < nb1) {
-            configure_tiles(m < 16 ? (int)m : 16);
-            for (int64_t nb = nb0; nb < nb1; nb += m <= 16 ? 1 : group) {
-                if (m <= 16)
-                    gemm_block_few_rows(x, kernel, scales, table, out, work, m, n, k, blocksize, nb);
+            if (few)
+                configure_tiles(m < 16 ? (int)m : 16, m > 16 ? (int)(m - 16) : 16);
+            else
+                configure_tiles(16, 16);
+            for (int64_t nb = nb0; nb < nb1; nb += few ? 1 : group) {
+                if (few)
+                    gemm_block_few_rows(x, kernel, scales, table, out, work, m, n, k,
+                                        blocksize, nb);
                 else
                     gemm_group_many_rows(x, kernel, scales, lut, out, work, m, n, k, blocksize,
                                          nb, nb1 - nb < group ? nb1 - nb : group);
