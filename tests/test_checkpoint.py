@@ -70,6 +70,20 @@ def test_nested_offset_is_not_rounded_under_bf16_default_dtype(tmp_path):
     torch.testing.assert_close(state.absmax, reference.float(), rtol=0, atol=1e-7)
 
 
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -0.5])
+def test_a_bad_block_scale_is_refused_naming_tensor_and_file(tmp_path, bad):
+    """Block scales are max |w| per block: NaN, inf or negative means a corrupt (or
+    overflowed) checkpoint, refused before anything is dequantized with it."""
+    tensors = packed_4bit_tensors("m.proj", _weight(), "nf4", False)
+    tensors["m.proj.weight.absmax"][5] = bad
+    path = write(tmp_path / "m.safetensors", tensors)
+    layout = scan_checkpoint([path])
+    with pytest.raises(CheckpointError, match="non-finite or negative") as e:
+        parse_4bit_state(layout.quantized["m.proj.weight"], layout.tensors, FileReader())
+    assert "'m.proj.weight.absmax'" in str(e.value) and str(path) in str(e.value)
+    assert "block 5" in str(e.value)
+
+
 def test_8bit_state(tmp_path):
     tensors = packed_8bit_tensors("m.proj", _weight())
     layout = scan_checkpoint([write(tmp_path / "m.safetensors", tensors)])

@@ -129,9 +129,12 @@ def _check_finite_absmax(
     fp32): upcasting is exact, so such a checkpoint loads with the values it stores
     (relative error <= 2^-11 for fp16, far below the 4-bit error), unless narrowing
     overflowed to inf, which no upcast can undo."""
-    bad = ~torch.isfinite(absmax) | (absmax < 0)
-    if not bool(bad.any()):
+    if absmax.numel() == 0:
         return
+    low, high = torch.aminmax(absmax)  # one pass; NaN propagates and fails both tests
+    if bool(low >= 0) and bool(high < math.inf):
+        return
+    bad = ~torch.isfinite(absmax) | (absmax < 0)
     stored = tensors[q.state_tensors["absmax"]]
     first = int(bad.reshape(-1).nonzero()[0, 0])
     hint = (
@@ -262,8 +265,9 @@ def _state_info(
 def _state_values(
     q: QuantizedWeight, suffix: str, tensors: dict[str, TensorInfo], reader: FileReader
 ) -> torch.Tensor:
+    # Copies: the reader gives the file's pages back once the weights after them are read.
     t = reader.tensor(tensors[q.state_tensors[suffix]])
-    return t.clone() if t.dtype == torch.uint8 else t.float().clone()
+    return t.clone() if t.dtype == torch.uint8 else t.to(torch.float32, copy=True)
 
 
 def _check_nested(
@@ -307,8 +311,8 @@ def _flatten_nested_absmax(
 ) -> torch.Tensor:
     """Dequantize double-quant absmax to float32 once, at load, with bitsandbytes.
 
-    The offset is read as float32: under a bf16 default dtype a naive
-    `torch.tensor(offset)` rounds it (0.328949 -> 0.328125) and skews every block.
+    The offset is added as a Python float, i.e. in float32: under a bf16 default dtype a
+    naive `torch.tensor(offset)` rounds it (0.328949 -> 0.328125) and skews every block.
     """
     state2 = QuantState(
         absmax=_state_values(q, "nested_absmax", tensors, reader).reshape(-1),
@@ -316,7 +320,7 @@ def _flatten_nested_absmax(
         blocksize=meta.nested_blocksize, dtype=torch.float32,
     )
     absmax = bnbf.dequantize_blockwise(absmax_u8.reshape(-1), state2)
-    return absmax.float() + torch.tensor(meta.nested_offset, dtype=torch.float32)
+    return absmax.float().add_(meta.nested_offset)  # a Python float: added in float32
 
 
 def _torch_dtype(name: object, q: QuantizedWeight, info: TensorInfo) -> torch.dtype:
