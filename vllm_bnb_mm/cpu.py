@@ -48,11 +48,13 @@ def request_amx_tile_state() -> None:
 # - "amx": our AMX kernel (cpu_kernels.c, gemm_4bit_amx) decodes the weight once per step
 #   into AMX tiles. Up to 32 rows it computes what the fused kernel computes (bf16 code
 #   values, block scales on float32 sums: the same bits but for the order of the sums), in
-#   0.7-0.8x the fused kernel's time at M = 1 and 0.13x at M = 16; beyond, it rounds each
-#   weight to bf16 as the GEMM path does, faster than a bf16 GEMM up to M ~ 256.
+#   0.56-0.79x the fused kernel's time at M = 1 and 0.12-0.15x at M = 16 (four shapes);
+#   beyond, it rounds each weight to bf16 as the GEMM path does, faster than a bf16 GEMM
+#   up to M ~ 256.
 # - "avx512": the same decode feeding AVX512-BF16 dot products (gemm_4bit_avx512), for
 #   CPUs without AMX: the fused kernel's arithmetic (bit-identical in our tests) with each
-#   weight decoded once per 64 rows, 0.8x the fused kernel's time at M = 1, 0.75x at 16.
+#   weight decoded once per 64 rows: 0.62-0.83x the fused kernel's time at M = 1, ~0.7x at
+#   16 (at most 1.08x, on one shape at M = 4-7: the same values either way).
 # - "gemm": dequantize into a scratch buffer, then oneDNN's bf16 GEMM.
 # Measured with scripts/cpu_crossover.py (one thread, min over repetitions, four shapes;
 # results/bench/crossover.json, notes/performance.md); the crossovers depend on the ISA
