@@ -48,16 +48,18 @@ def request_amx_tile_state() -> None:
 # - "amx": our AMX kernel (cpu_kernels.c, gemm_4bit_amx) decodes the weight once per step
 #   into AMX tiles. Up to 32 rows it computes what the fused kernel computes (bf16 code
 #   values, block scales on float32 sums: the same bits but for the order of the sums), in
-#   0.56-0.79x the fused kernel's time at M = 1 and 0.12-0.15x at M = 16 (four shapes);
+#   0.56-0.83x the fused kernel's time at M = 1 and 0.12-0.15x at M = 16 (four shapes);
 #   beyond, it rounds each weight to bf16 as the GEMM path does, faster than a bf16 GEMM
 #   up to M ~ 256.
 # - "avx512": the same decode feeding AVX512-BF16 dot products (gemm_4bit_avx512), for
 #   CPUs without AMX: the fused kernel's arithmetic (bit-identical in our tests) with each
-#   weight decoded once per 64 rows: 0.62-0.83x the fused kernel's time at M = 1, ~0.7x at
-#   16 (at most 1.08x, on one shape at M = 4-7: the same values either way).
+#   weight decoded once per 64 rows: 0.59-0.83x the fused kernel's time at M = 1,
+#   0.70-0.81x at 16 (one of two runs had it at 1.08x on one shape at M = 4-7: the same
+#   values either way).
 # - "gemm": dequantize into a scratch buffer, then oneDNN's bf16 GEMM.
 # Measured with scripts/cpu_crossover.py (one thread, min over repetitions, four shapes;
-# results/bench/crossover.json, notes/performance.md); the crossovers depend on the ISA
+# results/bench/crossover-decode.json for the kernels as they are, crossover.json for the
+# many-row runs before; notes/performance.md); the crossovers depend on the ISA
 # and, for the AMX kernel's many-row path, on K:
 # - AMX: against oneDNN's GEMM the AMX kernel wins up to M = 2048 where K <= 2048 (it
 #   decodes 4-8 blocks of 32 weight rows at once and reads x once per group: 0.53-0.94x
