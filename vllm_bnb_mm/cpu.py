@@ -243,13 +243,8 @@ def gemm_4bit_amx(
     n: int, k: int, blocksize: int,
 ) -> torch.Tensor:
     """x [M, k] (bf16) @ W^T from the kernel layout, as bf16 [M, n] (needs amx_usable())."""
-    x = x.contiguous()
-    out = torch.empty(x.shape[0], n, dtype=torch.bfloat16)
     request_amx_tile_state()
-    failed = kernels().gemm_4bit_amx(
-        x.data_ptr(), kernel.data_ptr(), scales.data_ptr(), code.data_ptr(), out.data_ptr(),
-        x.shape[0], n, k, blocksize,
-    )
+    out, failed = _run_gemm(kernels().gemm_4bit_amx, x, kernel, scales, code, n, k, blocksize)
     if failed:
         raise MemoryError("gemm_4bit_amx: no work buffer (1-8 blocks of 64 x k bytes)")
     return out
@@ -261,10 +256,14 @@ def gemm_4bit_avx512(
 ) -> torch.Tensor:
     """x [M, k] (bf16) @ W^T from the kernel layout, as bf16 [M, n], with AVX512-BF16 dot
     products (needs kernels(); the same shape limits as the AMX kernel)."""
+    return _run_gemm(kernels().gemm_4bit_avx512, x, kernel, scales, code, n, k, blocksize)[0]
+
+
+def _run_gemm(fn, x, kernel, scales, code, n: int, k: int, blocksize: int):
+    """Call one of our C GEMMs on a contiguous x into a fresh bf16 [M, n]; (out, its
+    return value)."""
     x = x.contiguous()
     out = torch.empty(x.shape[0], n, dtype=torch.bfloat16)
-    kernels().gemm_4bit_avx512(
-        x.data_ptr(), kernel.data_ptr(), scales.data_ptr(), code.data_ptr(), out.data_ptr(),
-        x.shape[0], n, k, blocksize,
-    )
-    return out
+    ret = fn(x.data_ptr(), kernel.data_ptr(), scales.data_ptr(), code.data_ptr(),
+             out.data_ptr(), x.shape[0], n, k, blocksize)
+    return out, ret
