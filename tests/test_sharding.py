@@ -171,7 +171,10 @@ def test_merged_shards_equal_their_parts():
 
 
 @pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
-@pytest.mark.parametrize("shape", [(64, 128), (96, 256), (256, 1024)])
+# (32, 96): blocksize 32 and 48 column pairs, 16 of them past the C routine's vectors of 32.
+@pytest.mark.parametrize(
+    "shape", [(64, 128, 64), (96, 256, 64), (256, 1024, 64), (32, 96, 32), (64, 160, 32)]
+)
 @pytest.mark.parametrize("routine", ["c", "c-in-place", "tensor-ops"])
 def test_cpu_kernel_repack_is_byte_identical_to_bitsandbytes(
     monkeypatch, quant_type, shape, routine
@@ -184,7 +187,8 @@ def test_cpu_kernel_repack_is_byte_identical_to_bitsandbytes(
         pytest.skip("cpu_kernels.c is not built on this CPU")
     if routine == "tensor-ops":
         monkeypatch.setattr(cpu, "kernels", lambda: None)
-    packed, state = _packed(*shape, quant_type, double_quant=True)
+    rows, cols, blocksize = shape
+    packed, state = _packed(rows, cols, quant_type, double_quant=True, blocksize=blocksize)
     expected, expected_state = bnbf._convert_weight_packed_for_cpu(
         packed.clone(), copy.deepcopy(state)
     )
