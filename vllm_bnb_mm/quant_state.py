@@ -100,10 +100,11 @@ def parse_4bit_state(
 ) -> QuantState:
     """Build a float32 QuantState for one packed weight, with nested absmax flattened."""
     meta = read_4bit_meta(q, tensors, reader)
-    absmax = _state_values(q, "absmax", tensors, reader)
     code = _state_values(q, "quant_map", tensors, reader)
     if meta.nested_blocksize is not None:
-        absmax = _flatten_nested_absmax(q, meta, absmax, tensors, reader)
+        absmax = _flatten_nested_absmax(q, meta, tensors, reader)
+    else:
+        absmax = _state_values(q, "absmax", tensors, reader)
     _check_finite_absmax(q, absmax, tensors)
     return QuantState(
         absmax=absmax.float().reshape(-1),
@@ -303,23 +304,23 @@ def _check_nested(
 
 
 def _flatten_nested_absmax(
-    q: QuantizedWeight,
-    meta: FourBitMeta,
-    absmax_u8: torch.Tensor,
-    tensors: dict[str, TensorInfo],
-    reader: FileReader,
+    q: QuantizedWeight, meta: FourBitMeta, tensors: dict[str, TensorInfo], reader: FileReader
 ) -> torch.Tensor:
     """Dequantize double-quant absmax to float32 once, at load, with bitsandbytes.
 
-    The offset is added as a Python float, i.e. in float32: under a bf16 default dtype a
-    naive `torch.tensor(offset)` rounds it (0.328949 -> 0.328125) and skews every block.
+    Its inputs are read straight from the file's pages (no copies: only the result is
+    kept). The offset is added as a Python float, i.e. in float32: under a bf16 default
+    dtype a naive `torch.tensor(offset)` rounds it (0.328949 -> 0.328125) and skews every
+    block.
     """
+    def values(suffix: str) -> torch.Tensor:
+        return reader.tensor(tensors[q.state_tensors[suffix]]).reshape(-1)
+
     state2 = QuantState(
-        absmax=_state_values(q, "nested_absmax", tensors, reader).reshape(-1),
-        code=_state_values(q, "nested_quant_map", tensors, reader).reshape(-1),
+        absmax=values("nested_absmax").float(), code=values("nested_quant_map").float(),
         blocksize=meta.nested_blocksize, dtype=torch.float32,
     )
-    absmax = bnbf.dequantize_blockwise(absmax_u8.reshape(-1), state2)
+    absmax = bnbf.dequantize_blockwise(values("absmax"), state2)
     return absmax.float().add_(meta.nested_offset)  # a Python float: added in float32
 
 
