@@ -21,8 +21,9 @@
 #include <stdlib.h>
 #include <string.h>
 
-/* Column pairs [kp0, kp1) of one 32-row block, byte by byte: byte 2j of a pair is
- * (W[16 + j] high nibble, W[j] high nibble), byte 2j + 1 the low nibbles likewise. */
+/* Column pairs [kp0, kp1) of one 32-row block, byte by byte: byte 2j of pair kp takes
+ * the high nibbles of plain rows 16 + j and j (their column 2 kp) as its high and low
+ * nibble, byte 2j + 1 their low nibbles (column 2 kp + 1). */
 static void repack_cols(const uint8_t *lo_rows, const uint8_t *hi_rows, int64_t row,
                         uint8_t *tile, int64_t kp0, int64_t kp1) {
     for (int64_t kp = kp0; kp < kp1; ++kp) {
@@ -82,11 +83,9 @@ static inline void repack_32_cols(const uint8_t *lo_rows, const uint8_t *hi_rows
     for (int c = 0; c < 16; ++c) _mm512_storeu_si512((__m512i *)(out + 64 * c), v[c]);
 }
 
-/* plain [N, K/2] bytes -> kernel [N/32][K/2][32] bytes (distinct buffers). */
-void repack(const uint8_t *plain, uint8_t *kernel, int64_t n, int64_t k) {
+static void repack_blocks(const uint8_t *plain, uint8_t *kernel, int64_t n, int64_t k,
+                          const __m512i idx[4][2]) {
     const int64_t row = k / 2, vectors = row / 32 * 32;
-    __m512i idx[4][2];
-    transpose_indices(idx);
     for (int64_t nb = 0; nb < n / 32; ++nb) {
         const uint8_t *lo_rows = plain + nb * 32 * row, *hi_rows = lo_rows + 16 * row;
         uint8_t *tile = kernel + nb * 32 * row;
@@ -96,14 +95,23 @@ void repack(const uint8_t *plain, uint8_t *kernel, int64_t n, int64_t k) {
     }
 }
 
+/* plain [N, K/2] bytes -> kernel [N/32][K/2][32] bytes (distinct buffers). */
+void repack(const uint8_t *plain, uint8_t *kernel, int64_t n, int64_t k) {
+    __m512i idx[4][2];
+    transpose_indices(idx);
+    repack_blocks(plain, kernel, n, k, idx);
+}
+
 /* The same permutation in place: block nb of the kernel layout occupies exactly the bytes
  * of plain rows [32 nb, 32 nb + 32), so each block is copied to `tmp` (32 * k / 2 bytes)
  * and permuted back. No second weight-sized buffer, no fresh pages to fault in. */
 void repack_inplace(uint8_t *buf, uint8_t *tmp, int64_t n, int64_t k) {
     const int64_t block = 32 * (k / 2);
+    __m512i idx[4][2];
+    transpose_indices(idx);
     for (int64_t nb = 0; nb < n / 32; ++nb) {
         memcpy(tmp, buf + nb * block, (size_t)block);
-        repack(tmp, buf + nb * block, 32, k);
+        repack_blocks(tmp, buf + nb * block, 32, k, idx);
     }
 }
 
