@@ -266,7 +266,8 @@ def _state_info(
 def _state_values(
     q: QuantizedWeight, suffix: str, tensors: dict[str, TensorInfo], reader: FileReader
 ) -> torch.Tensor:
-    # Copies: the reader gives the file's pages back once the weights after them are read.
+    # Copies: these values stay in the QuantState for the model's life; views would keep
+    # the file mapped and its pages in RSS (views are only for values read once, here).
     t = reader.tensor(tensors[q.state_tensors[suffix]])
     return t.clone() if t.dtype == torch.uint8 else t.to(torch.float32, copy=True)
 
