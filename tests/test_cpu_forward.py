@@ -92,7 +92,7 @@ def _codes_times_scales(packed: torch.Tensor, state, shape) -> torch.Tensor:
 @pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
 @pytest.mark.parametrize("shape,blocksize", [((64, 128), 64), ((96, 256), 32),
                                              ((256, 1024), 256), ((160, 4096), 128)])
-@pytest.mark.parametrize("m", [1, 3, 16, 17, 32, 33, 40, 70])
+@pytest.mark.parametrize("m", [1, 3, 6, 16, 17, 32, 33, 40, 70])
 def test_our_kernels_are_the_product_with_bitsandbytes_dequantized_weight(
     kernel_name, quant_type, shape, blocksize, m
 ):
@@ -101,8 +101,9 @@ def test_our_kernels_are_the_product_with_bitsandbytes_dequantized_weight(
     fused kernel multiplies, bf16(code[q]) * scale (the scale applied to float32 block
     sums), except in the AMX kernel beyond 32 rows, which multiplies bitsandbytes' bf16
     dequantization, bf16(code[q] * scale), as the GEMM path does. The same bits whatever
-    the number of threads. 70 rows: more than one chunk of rows in both kernels, and a
-    partial last one."""
+    the number of threads. 1, 3 and 6 rows: the AVX512-BF16 kernel's few-row path (several
+    blocks of W at once where there are enough; 64 and 96 rows of W are a partial group);
+    70 rows: more than one chunk of rows in both kernels, and a partial last one."""
     gemm = _our_kernel(kernel_name)
     n, k = shape
     g = torch.Generator().manual_seed(n + k + m)
@@ -135,7 +136,7 @@ def test_our_kernels_are_the_product_with_bitsandbytes_dequantized_weight(
                                              ((256, 1024), 256), ((6144, 1536), 64)])
 @pytest.mark.parametrize("kernel_name,m", [("amx", 1), ("amx", 4), ("amx", 16), ("amx", 17),
                                            ("amx", 32), ("avx512", 1), ("avx512", 4),
-                                           ("avx512", 16), ("avx512", 70)])
+                                           ("avx512", 8), ("avx512", 16), ("avx512", 70)])
 def test_our_kernels_compute_what_bitsandbytes_fused_kernel_does(
     kernel_name, quant_type, shape, blocksize, m
 ):
@@ -190,9 +191,9 @@ def test_a_transposed_activation_view_gives_the_same_product(dtype, m):
 ])
 def test_paths_follow_the_isa_onednn_may_use(monkeypatch, cap, amx_expected):
     """Our AMX kernel with AMX (not capped off), our AVX512-BF16 kernel without, from one
-    token (with few rows both compute what the fused kernel does); oneDNN's GEMM from 512,
-    or with AMX and K <= 2048 from 2048 (the crossovers measured by
-    scripts/cpu_crossover.py, notes/performance.md)."""
+    token (with few rows both compute what the fused kernel does); oneDNN's GEMM from 256
+    without AMX, from 512 with it, or with AMX and K <= 2048 from 2048 (the crossovers
+    measured by scripts/cpu_crossover.py, notes/performance.md)."""
     if cap is None:
         monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
     else:
@@ -200,7 +201,7 @@ def test_paths_follow_the_isa_onednn_may_use(monkeypatch, cap, amx_expected):
     monkeypatch.delenv("DNNL_MAX_CPU_ISA", raising=False)
     cpu.amx_usable.cache_clear()
     try:
-        tokens = (1, 15, 16, 127, 511, 512, 2047, 2048)
+        tokens = (1, 15, 16, 127, 255, 256, 511, 512, 2047, 2048)
         small_k = [cpu.forward_path(m, 1536) for m in tokens]
         large_k = [cpu.forward_path(m, 6144) for m in tokens]
         if cpu.kernels() is None:
@@ -209,10 +210,10 @@ def test_paths_follow_the_isa_onednn_may_use(monkeypatch, cap, amx_expected):
         amx = amx_expected and torch.cpu._is_amx_tile_supported()
         assert cpu.amx_usable() == amx
         if amx:
-            assert large_k == ["amx"] * 5 + ["gemm"] * 3
-            assert small_k == ["amx"] * 7 + ["gemm"]
+            assert large_k == ["amx"] * 7 + ["gemm"] * 3
+            assert small_k == ["amx"] * 9 + ["gemm"]
         else:
-            assert large_k == ["avx512"] * 5 + ["gemm"] * 3
+            assert large_k == ["avx512"] * 5 + ["gemm"] * 5
             assert small_k == large_k
     finally:
         cpu.amx_usable.cache_clear()
@@ -273,7 +274,8 @@ def test_long_and_short_prompts_through_every_cpu_path_match_hf(tiny, onednn_cap
     config = json.loads((ckpt / "config.json").read_text())
     assert max(config["hidden_size"], config["intermediate_size"]) <= cpu.AMX_SMALL_K
     assert cpu.GEMM_MIN_TOKENS <= LONG_PROMPT_TOKENS < cpu.AMX_GEMM_MIN_TOKENS_SMALL_K
-    assert SHORT_PROMPT_TOKENS < cpu.GEMM_MIN_TOKENS
+    assert cpu.AVX512_GEMM_MIN_TOKENS <= LONG_PROMPT_TOKENS
+    assert SHORT_PROMPT_TOKENS < cpu.AVX512_GEMM_MIN_TOKENS
     prompts = _prompts(ckpt)
     env = {"ONEDNN_MAX_CPU_ISA": onednn_cap} if onednn_cap else None
     got = run_llm(str(ckpt), prompts, env=env, load_format="bitsandbytes", dtype="bfloat16",

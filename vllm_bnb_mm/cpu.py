@@ -53,9 +53,9 @@ def request_amx_tile_state() -> None:
 #   up to M ~ 256.
 # - "avx512": the same decode feeding AVX512-BF16 dot products (gemm_4bit_avx512), for
 #   CPUs without AMX: the fused kernel's arithmetic (bit-identical in our tests) with each
-#   weight decoded once per 64 rows: 0.59-0.83x the fused kernel's time at M = 1,
-#   0.70-0.81x at 16 (one of two runs had it at 1.08x on one shape at M = 4-7: the same
-#   values either way).
+#   weight decoded once per 64 rows, or for up to 8 rows straight into registers for
+#   several blocks of W at once. On a Zen 4 (one thread, four shapes): 0.56-0.68x the fused
+#   kernel's time at M = 1-8, 0.84-0.87x at 16.
 # - "gemm": dequantize into a scratch buffer, then oneDNN's bf16 GEMM.
 # Measured with scripts/cpu_crossover.py (one thread, min over repetitions, four shapes;
 # results/bench/crossover-decode.json for the kernels as they are, crossover.json for the
@@ -65,9 +65,11 @@ def request_amx_tile_state() -> None:
 #   decodes 4-8 blocks of 32 weight rows at once and reads x once per group: 0.53-0.94x
 #   the GEMM's time at 256-2048), and up to ~512 for larger K (one or two blocks per
 #   group; 1536 x 6144: 1.27x the GEMM's time at 512).
-# - Without AMX (oneDNN capped at AVX512_CORE_BF16) our AVX512-BF16 kernel beats the GEMM
-#   path up to 256-512.
+# - Without AMX our AVX512-BF16 kernel beats oneDNN's AVX512-BF16 GEMM path up to 192-512
+#   rows on a Zen 4 (within 2-4 % of it at 256 on three of four shapes, ahead on the
+#   fourth); with oneDNN capped at AVX512_CORE_BF16 on an AMX Xeon up to 512.
 GEMM_MIN_TOKENS = 512
+AVX512_GEMM_MIN_TOKENS = 256
 AMX_SMALL_K = 2048
 AMX_GEMM_MIN_TOKENS_SMALL_K = 2048
 
@@ -89,7 +91,7 @@ def forward_path(tokens: int, k: int) -> str:
     if kernels() is None:
         return "fused"
     if not amx_usable():
-        return "avx512" if tokens < GEMM_MIN_TOKENS else "gemm"
+        return "avx512" if tokens < AVX512_GEMM_MIN_TOKENS else "gemm"
     limit = AMX_GEMM_MIN_TOKENS_SMALL_K if k <= AMX_SMALL_K else GEMM_MIN_TOKENS
     return "amx" if tokens < limit else "gemm"
 

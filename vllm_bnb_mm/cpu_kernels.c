@@ -266,6 +266,22 @@ static inline __attribute__((always_inline)) void dot_piece(const uint16_t *x, i
     }
 }
 
+/* dot_piece for the last 1 .. X_ROWS - 1 rows, with the row count a constant in each
+ * call: with a variable count the accumulators live in memory (indexed arrays), and every
+ * VDPBF16PS waits on a store and a load (1 row took 1.5x the fused kernel's time on Zen 4). */
+static void dot_piece_tail(const uint16_t *x, int64_t k, const uint16_t *b, float *sums,
+                           float *acc, int rows, int first, const uint16_t *s) {
+    switch (rows) {
+    case 1: dot_piece(x, k, b, sums, acc, 1, first, s); break;
+    case 2: dot_piece(x, k, b, sums, acc, 2, first, s); break;
+    case 3: dot_piece(x, k, b, sums, acc, 3, first, s); break;
+    case 4: dot_piece(x, k, b, sums, acc, 4, first, s); break;
+    case 5: dot_piece(x, k, b, sums, acc, 5, first, s); break;
+    case 6: dot_piece(x, k, b, sums, acc, 6, first, s); break;
+    default: dot_piece(x, k, b, sums, acc, 7, first, s); break;
+    }
+}
+
 /* Rows m0 .. m0 + rows - 1 of x (rows <= X_CHUNK) against rows 32 nb .. 32 nb + 31 of W. */
 static void gemm_chunk_avx512(const uint16_t *x, const uint8_t *kernel, const uint16_t *scales,
                               __m512i table, uint16_t *out, int64_t m0, int rows, int64_t n,
@@ -286,7 +302,7 @@ static void gemm_chunk_avx512(const uint16_t *x, const uint8_t *kernel, const ui
         for (; i + X_ROWS <= rows; i += X_ROWS)
             dot_piece(xs + i * k, k, piece, sums + 32 * i, acc + 32 * i, X_ROWS, first, s);
         if (i < rows)
-            dot_piece(xs + i * k, k, piece, sums + 32 * i, acc + 32 * i, rows - i, first, s);
+            dot_piece_tail(xs + i * k, k, piece, sums + 32 * i, acc + 32 * i, rows - i, first, s);
     }
     for (int i = 0; i < rows; ++i) {
         const __m512i v = (__m512i)_mm512_cvtne2ps_pbh(_mm512_load_ps(acc + 32 * i + 16),
@@ -295,11 +311,105 @@ static void gemm_chunk_avx512(const uint16_t *x, const uint8_t *kernel, const ui
     }
 }
 
+/* Decode steps (up to FEW_X_ROWS rows of x): with one or two rows each block's sums are
+ * single dependency chains of VDPBF16PS, and storing each decoded piece to reload it costs
+ * more than the dot products (Zen 4: 1.5x the fused kernel's time at M = 1). So each piece
+ * is decoded into registers and used there, for `nbs` blocks of 32 rows of W side by side:
+ * the same operations in the same order as gemm_chunk_avx512 for every output. */
+#define FEW_X_ROWS 8
+#define FEW_BLOCKS 4
+
+/* Blocks side by side for `rows` rows: 2 x rows x blocks float32 sums, 16 of the 32
+ * registers. */
+static inline int64_t few_blocks(int64_t rows) { return rows <= 2 ? 4 : rows <= 4 ? 2 : 1; }
+
+static inline __attribute__((always_inline)) void gemm_few_rows_avx512(
+    const uint16_t *x, const uint8_t *kernel, const uint16_t *scales, __m512i table,
+    uint16_t *out, int rows, int nbs, int64_t n, int64_t k, int64_t blocksize, int64_t nb) {
+    const __m512i nibble = _mm512_set1_epi16(0xF);
+    __m512 sum[FEW_BLOCKS][FEW_X_ROWS][2], acc[FEW_BLOCKS][FEW_X_ROWS][2];
+    for (int j = 0; j < nbs; ++j)
+        for (int i = 0; i < rows; ++i)
+            acc[j][i][0] = acc[j][i][1] = sum[j][i][0] = sum[j][i][1] = _mm512_setzero_ps();
+    const int64_t pieces = k / 32, per_block = blocksize / 32;
+    for (int64_t kt = 0; kt < pieces; ++kt) {
+        for (int r = 0; r < 16; ++r) {
+            __m512bh xv[FEW_X_ROWS];
+            for (int i = 0; i < rows; ++i) {
+                int32_t pair;
+                memcpy(&pair, x + i * k + 32 * kt + 2 * r, sizeof pair);
+                xv[i] = (__m512bh)_mm512_set1_epi32(pair);
+            }
+            for (int j = 0; j < nbs; ++j) {
+                const uint8_t *src = kernel + (nb + j) * (k / 2) * 32 + kt * 512 + 32 * r;
+                const __m512i q = _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i *)src));
+                const __m512bh b_lo =
+                    (__m512bh)_mm512_permutexvar_epi16(_mm512_and_si512(q, nibble), table);
+                const __m512bh b_hi =
+                    (__m512bh)_mm512_permutexvar_epi16(_mm512_srli_epi16(q, 4), table);
+                for (int i = 0; i < rows; ++i) {
+                    sum[j][i][0] = _mm512_dpbf16_ps(sum[j][i][0], xv[i], b_lo);
+                    sum[j][i][1] = _mm512_dpbf16_ps(sum[j][i][1], xv[i], b_hi);
+                }
+            }
+        }
+        if (kt % per_block == per_block - 1 || kt == pieces - 1) {
+            for (int j = 0; j < nbs; ++j) {
+                const uint16_t *s = scales + (32 * kt / blocksize) * n + 32 * (nb + j);
+                const __m512 s_lo = bf16x16_to_f32(s), s_hi = bf16x16_to_f32(s + 16);
+                for (int i = 0; i < rows; ++i) {
+                    acc[j][i][0] = _mm512_fmadd_ps(sum[j][i][0], s_lo, acc[j][i][0]);
+                    acc[j][i][1] = _mm512_fmadd_ps(sum[j][i][1], s_hi, acc[j][i][1]);
+                    sum[j][i][0] = sum[j][i][1] = _mm512_setzero_ps();
+                }
+            }
+        }
+    }
+    for (int j = 0; j < nbs; ++j)
+        for (int i = 0; i < rows; ++i)
+            _mm512_storeu_si512(out + i * n + 32 * (nb + j),
+                                (__m512i)_mm512_cvtne2ps_pbh(acc[j][i][1], acc[j][i][0]));
+}
+
+/* gemm_few_rows_avx512 with the counts as constants (the sums stay in registers): from
+ * block nb, few_blocks(rows) blocks if `whole`, else one. */
+static void few_rows_avx512(const uint16_t *x, const uint8_t *kernel, const uint16_t *scales,
+                            __m512i table, uint16_t *out, int rows, int whole, int64_t n,
+                            int64_t k, int64_t blocksize, int64_t nb) {
+#define FEW(R, B) gemm_few_rows_avx512(x, kernel, scales, table, out, R, B, n, k, blocksize, nb)
+    switch (rows) {
+    case 1: if (whole) FEW(1, 4); else FEW(1, 1); break;
+    case 2: if (whole) FEW(2, 4); else FEW(2, 1); break;
+    case 3: if (whole) FEW(3, 2); else FEW(3, 1); break;
+    case 4: if (whole) FEW(4, 2); else FEW(4, 1); break;
+    case 5: FEW(5, 1); break;
+    case 6: FEW(6, 1); break;
+    case 7: FEW(7, 1); break;
+    default: FEW(8, 1); break;
+    }
+#undef FEW
+}
+
 /* Blocks of 32 rows of W split over the OpenMP threads (torch's runtime, as for AMX). */
 void gemm_4bit_avx512(const uint16_t *x, const uint8_t *kernel, const uint16_t *scales,
                       const float *code, uint16_t *out, int64_t m, int64_t n, int64_t k,
                       int64_t blocksize) {
     const __m512i table = bf16_code_table(code);
+    if (m <= FEW_X_ROWS) {
+        const int64_t blocks = n / 32, wide = few_blocks((int)m);
+        const int64_t groups = (blocks + wide - 1) / wide;
+#pragma omp parallel for schedule(static)
+        for (int64_t g = 0; g < groups; ++g) {
+            const int64_t nb = g * wide;
+            if (nb + wide <= blocks)
+                few_rows_avx512(x, kernel, scales, table, out, (int)m, 1, n, k, blocksize, nb);
+            else
+                for (int64_t b = nb; b < blocks; ++b)
+                    few_rows_avx512(x, kernel, scales, table, out, (int)m, 0, n, k,
+                                    blocksize, b);
+        }
+        return;
+    }
 #pragma omp parallel for schedule(static)
     for (int64_t nb = 0; nb < n / 32; ++nb)
         for (int64_t m0 = 0; m0 < m; m0 += X_CHUNK)
