@@ -101,9 +101,10 @@ def test_our_kernels_are_the_product_with_bitsandbytes_dequantized_weight(
     fused kernel multiplies, bf16(code[q]) * scale (the scale applied to float32 block
     sums), except in the AMX kernel beyond 32 rows, which multiplies bitsandbytes' bf16
     dequantization, bf16(code[q] * scale), as the GEMM path does. The same bits whatever
-    the number of threads. 1, 3 and 6 rows: the AVX512-BF16 kernel's few-row path (several
-    blocks of W at once where there are enough; 64 and 96 rows of W are a partial group);
-    70 rows: more than one chunk of rows in both kernels, and a partial last one."""
+    the number of threads. 1 and 3 rows: the AVX512-BF16 kernel's one pass over several
+    blocks of W at once (64 and 96 rows of W leave a partial group); 6: one pass, one
+    block; 17 and more: passes of up to 8 rows, the last one shorter (17: 6 + 6 + 5); 70
+    rows: more than one chunk of rows in the AMX kernel, and a partial last one."""
     gemm = _our_kernel(kernel_name)
     n, k = shape
     g = torch.Generator().manual_seed(n + k + m)
@@ -191,9 +192,9 @@ def test_a_transposed_activation_view_gives_the_same_product(dtype, m):
 ])
 def test_paths_follow_the_isa_onednn_may_use(monkeypatch, cap, amx_expected):
     """Our AMX kernel with AMX (not capped off), our AVX512-BF16 kernel without, from one
-    token (with few rows both compute what the fused kernel does); oneDNN's GEMM from 256
-    without AMX, from 512 with it, or with AMX and K <= 2048 from 2048 (the crossovers
-    measured by scripts/cpu_crossover.py, notes/performance.md)."""
+    token (with few rows both compute what the fused kernel does); oneDNN's GEMM from 2048
+    without AMX, with AMX from 512, or from 2048 where K <= 2048 (the crossovers measured
+    by scripts/cpu_crossover.py, notes/performance.md)."""
     if cap is None:
         monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
     else:
@@ -213,19 +214,19 @@ def test_paths_follow_the_isa_onednn_may_use(monkeypatch, cap, amx_expected):
             assert large_k == ["amx"] * 7 + ["gemm"] * 3
             assert small_k == ["amx"] * 9 + ["gemm"]
         else:
-            assert large_k == ["avx512"] * 5 + ["gemm"] * 5
+            assert large_k == ["avx512"] * 9 + ["gemm"]
             assert small_k == large_k
     finally:
         cpu.amx_usable.cache_clear()
 
 
 LONG_PROMPT_TOKENS = 600
+LONG_COPIES = 4
 SHORT_PROMPT_TOKENS = 48
 
 
 def _prompts(ckpt) -> list[list[int]]:
-    """A long prompt (GEMM path) and a short one with another start (our kernel's path;
-    no prefix shared, so vLLM's prefix cache cannot shorten its prefill)."""
+    """A long prompt and a short one with another start."""
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(ckpt)
@@ -260,12 +261,12 @@ TOL_BF16_PROMPT = 0.15
 @needs_cpu_kernels
 @pytest.mark.parametrize("onednn_cap", [None, "AVX512_CORE_BF16"])
 def test_long_and_short_prompts_through_every_cpu_path_match_hf(tiny, onednn_cap):
-    """One sequence at a time (max_num_seqs=1), so each prefill is a step of its own. On
-    AMX CPUs both prefills run our AMX kernel (the tiny model's K is small: the 600-token
-    one takes its many-row path, decoding groups of blocks); with oneDNN capped below AMX
-    (as on CPUs without it; the only run there) the 600-token one runs every 4-bit layer
-    through dequantize + GEMM and the 48-token one through our AVX512-BF16 kernel. The
-    decode steps (one token) run our kernel of the CPU with the fused kernel's arithmetic.
+    """Four copies of a long prompt in one step (up to four sequences, no prefix cache), so
+    that step has 2400 rows: every 4-bit layer runs dequantize + oneDNN's GEMM, with AMX or
+    without. The short prompt waits for a free sequence and is prefilled alone: on AMX CPUs
+    our AMX kernel's many-row path (more than 32 rows), with oneDNN capped below AMX (as on
+    CPUs without it; the only run there) our AVX512-BF16 kernel in passes of 8 rows. The
+    decode steps (1-4 rows) run our kernel of the CPU with the fused kernel's arithmetic.
     Prompt logprobs, first-token top-5 and greedy tokens, held to HF's bf16 run on this CPU
     (the fused kernel everywhere)."""
     if onednn_cap and not cpu.amx_usable():
@@ -273,16 +274,18 @@ def test_long_and_short_prompts_through_every_cpu_path_match_hf(tiny, onednn_cap
     ckpt = tiny["llama-nf4-dq"]
     config = json.loads((ckpt / "config.json").read_text())
     assert max(config["hidden_size"], config["intermediate_size"]) <= cpu.AMX_SMALL_K
-    assert cpu.GEMM_MIN_TOKENS <= LONG_PROMPT_TOKENS < cpu.AMX_GEMM_MIN_TOKENS_SMALL_K
-    assert cpu.AVX512_GEMM_MIN_TOKENS <= LONG_PROMPT_TOKENS
-    assert SHORT_PROMPT_TOKENS < cpu.AVX512_GEMM_MIN_TOKENS
-    prompts = _prompts(ckpt)
+    long_step = LONG_COPIES * LONG_PROMPT_TOKENS
+    assert long_step >= max(cpu.AMX_GEMM_MIN_TOKENS_SMALL_K, cpu.AVX512_GEMM_MIN_TOKENS)
+    assert 32 < SHORT_PROMPT_TOKENS < cpu.AVX512_GEMM_MIN_TOKENS
+    long, short = _prompts(ckpt)
     env = {"ONEDNN_MAX_CPU_ISA": onednn_cap} if onednn_cap else None
-    got = run_llm(str(ckpt), prompts, env=env, load_format="bitsandbytes", dtype="bfloat16",
-                  max_num_seqs=1, max_model_len=1024)
-    for name, answer, ids in zip(("long", "short"), got, prompts, strict=True):
-        expected = _hf_reference(ckpt, ids)
+    got = run_llm(str(ckpt), [long] * LONG_COPIES + [short], env=env,
+                  load_format="bitsandbytes", dtype="bfloat16", max_num_seqs=LONG_COPIES,
+                  max_model_len=1024, max_num_batched_tokens=long_step,
+                  enable_prefix_caching=False)
+    expected = {"long": _hf_reference(ckpt, long), "short": _hf_reference(ckpt, short)}
+    for name, answer in zip(["long"] * LONG_COPIES + ["short"], got, strict=True):
         errors = [abs(a - b) for a, b in zip(answer["prompt_logprobs"],
-                                             expected["prompt_logprobs"], strict=True)]
+                                             expected[name]["prompt_logprobs"], strict=True)]
         print(f"{name} prompt: max prompt-logprob error {max(errors):.4f}")
-        assert_matches(answer, expected, TOL_BF16_PROMPT, f"llama-nf4-dq/{name} prompt")
+        assert_matches(answer, expected[name], TOL_BF16_PROMPT, f"llama-nf4-dq/{name} prompt")

@@ -391,10 +391,11 @@ NO_CALLS = {"gemm": [], "amx": [], "avx512": []}
 
 def _path_boundaries() -> list[int]:
     """Row counts on both sides of every switch between paths."""
-    edges = [cpu.AVX512_GEMM_MIN_TOKENS, cpu.GEMM_MIN_TOKENS, cpu.AMX_GEMM_MIN_TOKENS_SMALL_K]
-    # 8 / 9: the AVX512-BF16 kernel's few-row path, then its chunks of rows; 16 / 17 / 32 /
-    # 33: the AMX kernel's one and two tiles of rows (the fused kernel's arithmetic), then
-    # its many-row path
+    edges = sorted({cpu.GEMM_MIN_TOKENS, cpu.AVX512_GEMM_MIN_TOKENS,
+                    cpu.AMX_GEMM_MIN_TOKENS_SMALL_K})
+    # 8 / 9: the AVX512-BF16 kernel's one pass of rows, then several; 16 / 17 / 32 / 33:
+    # the AMX kernel's one and two tiles of rows (the fused kernel's arithmetic), then its
+    # many-row path
     return sorted({1, 8, 9, 16, 17, 32, 33, *edges, *(e - 1 for e in edges),
                    edges[-1] * 2 + 3})
 

@@ -52,10 +52,9 @@ def request_amx_tile_state() -> None:
 #   beyond, it rounds each weight to bf16 as the GEMM path does, faster than a bf16 GEMM
 #   up to M ~ 256.
 # - "avx512": the same decode feeding AVX512-BF16 dot products (gemm_4bit_avx512), for
-#   CPUs without AMX: the fused kernel's arithmetic (bit-identical in our tests) with each
-#   weight decoded once per 64 rows, or for up to 8 rows straight into registers for
-#   several blocks of W at once. On a Zen 4 (one thread, four shapes): 0.56-0.68x the fused
-#   kernel's time at M = 1-8, 0.84-0.87x at 16.
+#   CPUs without AMX: the fused kernel's arithmetic (bit-identical in our tests), each
+#   weight decoded into registers once per 8 rows of x. On a Zen 4 (one thread, four
+#   shapes): 0.52-0.68x the fused kernel's time at every M from 1 to 70.
 # - "gemm": dequantize into a scratch buffer, then oneDNN's bf16 GEMM.
 # Measured with scripts/cpu_crossover.py (one thread, min over repetitions, four shapes;
 # results/bench/crossover-decode.json for the kernels as they are, crossover.json for the
@@ -65,11 +64,11 @@ def request_amx_tile_state() -> None:
 #   decodes 4-8 blocks of 32 weight rows at once and reads x once per group: 0.53-0.94x
 #   the GEMM's time at 256-2048), and up to ~512 for larger K (one or two blocks per
 #   group; 1536 x 6144: 1.27x the GEMM's time at 512).
-# - Without AMX our AVX512-BF16 kernel beats oneDNN's AVX512-BF16 GEMM path up to 192-512
-#   rows on a Zen 4 (within 2-4 % of it at 256 on three of four shapes, ahead on the
-#   fourth); with oneDNN capped at AVX512_CORE_BF16 on an AMX Xeon up to 512.
+# - Without AMX our AVX512-BF16 kernel beats dequantize + oneDNN's AVX512-BF16 GEMM up to
+#   M = 2048 on a Zen 4 (0.88-0.90x its time at 128, 0.95-0.99x at 1024, 0.99-1.00x at
+#   2048, four shapes).
 GEMM_MIN_TOKENS = 512
-AVX512_GEMM_MIN_TOKENS = 256
+AVX512_GEMM_MIN_TOKENS = 2048
 AMX_SMALL_K = 2048
 AMX_GEMM_MIN_TOKENS_SMALL_K = 2048
 

@@ -162,10 +162,10 @@ void dequantize_t(const uint8_t *kernel, const uint16_t *scales, const float *co
 
 /* ------------------------------------------------------------------ 4-bit pieces
  *
- * Both GEMMs below decode each 32 x 32 piece of W once per call into the VNNI layout
- * AMX's B tiles use (row r: 16 columns n, each the pair W[n, 2r], W[n, 2r + 1]), which is
- * also what AVX512-BF16's VDPBF16PS takes: one B tile row against a broadcast pair of x
- * is 16 outputs' two-term dot product. */
+ * Both GEMMs below decode each 32 x 32 piece of W into the VNNI layout AMX's B tiles use
+ * (row r: 16 columns n, each the pair W[n, 2r], W[n, 2r + 1]), which is also what
+ * AVX512-BF16's VDPBF16PS takes: one B tile row against a broadcast pair of x is 16
+ * outputs' two-term dot product. */
 
 /* Columns 32 kt .. 32 kt + 31 of rows 32 nb .. 32 nb + 31 into two B tiles (512 bf16
  * each: rows n < 16, then rows n >= 16) as bf16(code[q] * scale), the dequantized weight
@@ -219,122 +219,37 @@ static inline void decode_piece_codes(const uint8_t *src, __m512i table, uint16_
 /* ------------------------------------------------------------------ AVX512-BF16 GEMM
  *
  * out[M, N] (bf16) = x[M, K] (bf16) @ W^T straight from the kernel layout, for AVX512-BF16
- * CPUs without AMX (Zen 4/5, Cooper Lake), where every path is bound by its bf16 dot
- * products beyond a few rows and bitsandbytes' fused kernel decodes the weight again for
- * every 4 rows of x. With the fused kernel's arithmetic (bf16 code values, each block's
- * float32 sums times its scale), each piece of W decoded once per call (per 64 rows of x)
- * into L1, then VDPBF16PS accumulates in float32 for every row of x. */
+ * CPUs without AMX (Zen 4/5, Cooper Lake), where bitsandbytes' fused kernel decodes the
+ * weight again for every 4 rows of x. With the fused kernel's arithmetic (bf16 code values,
+ * each block's float32 sums times its scale): each 32 x 32 piece of W is decoded into
+ * registers in VDPBF16PS's operand order (decode_piece_codes' B tile rows) and used there at
+ * once by up to 8 rows of x, whose float32 sums stay in registers. Storing decoded pieces to
+ * reload them for more rows costs more than decoding again per 8 rows (Zen 4, one thread:
+ * 1.1-1.35x the time of this at 9-512 rows; 1.5x the fused kernel's time at one row). */
 
-#define X_ROWS 8    /* rows of x per register block: 16 accumulators */
-#define X_CHUNK 64  /* rows of x per decoded piece: 8 KB of float32 sums */
+#define PASS_ROWS 8   /* rows of x per pass over a block of W */
+#define MAX_BLOCKS 4  /* blocks of W side by side in one pass */
 
-/* sums[rows][32] (+)= x[rows][32 columns of the piece] @ piece^T, rows <= X_ROWS, starting
- * from zero at a block's first piece; at its last (`s` not NULL), acc += sums * scales
- * instead of storing the sums. */
-static inline __attribute__((always_inline)) void dot_piece(const uint16_t *x, int64_t k,
-                                                            const uint16_t *b, float *sums,
-                                                            float *acc, int rows, int first,
-                                                            const uint16_t *s) {
-    __m512 lo[X_ROWS], hi[X_ROWS];
-    for (int i = 0; i < rows; ++i) {
-        lo[i] = first ? _mm512_setzero_ps() : _mm512_load_ps(sums + 32 * i);
-        hi[i] = first ? _mm512_setzero_ps() : _mm512_load_ps(sums + 32 * i + 16);
-    }
-    for (int r = 0; r < 16; ++r) {
-        const __m512bh b_lo = (__m512bh)_mm512_load_si512(b + 32 * r);
-        const __m512bh b_hi = (__m512bh)_mm512_load_si512(b + 512 + 32 * r);
-        for (int i = 0; i < rows; ++i) {
-            int32_t pair;
-            memcpy(&pair, x + i * k + 2 * r, sizeof pair);
-            const __m512bh xv = (__m512bh)_mm512_set1_epi32(pair);
-            lo[i] = _mm512_dpbf16_ps(lo[i], xv, b_lo);
-            hi[i] = _mm512_dpbf16_ps(hi[i], xv, b_hi);
-        }
-    }
-    if (s == NULL) {
-        for (int i = 0; i < rows; ++i) {
-            _mm512_store_ps(sums + 32 * i, lo[i]);
-            _mm512_store_ps(sums + 32 * i + 16, hi[i]);
-        }
-        return;
-    }
-    const __m512 s_lo = bf16x16_to_f32(s), s_hi = bf16x16_to_f32(s + 16);
-    for (int i = 0; i < rows; ++i) {
-        _mm512_store_ps(acc + 32 * i, _mm512_fmadd_ps(lo[i], s_lo, _mm512_load_ps(acc + 32 * i)));
-        _mm512_store_ps(acc + 32 * i + 16,
-                        _mm512_fmadd_ps(hi[i], s_hi, _mm512_load_ps(acc + 32 * i + 16)));
-    }
+/* Blocks side by side for a pass of `rows` rows, when there is one pass: 2 x rows x blocks
+ * float32 sums, 16 of the 32 registers; with one or two rows, a single block's sums would
+ * be one dependency chain of VDPBF16PS each. */
+static inline int64_t blocks_side_by_side(int64_t rows) {
+    return rows <= 2 ? 4 : rows <= 4 ? 2 : 1;
 }
 
-/* dot_piece for the last 1 .. X_ROWS - 1 rows, with the row count a constant in each
- * call: with a variable count the accumulators live in memory (indexed arrays), and every
- * VDPBF16PS waits on a store and a load (1 row took 1.5x the fused kernel's time on Zen 4). */
-static void dot_piece_tail(const uint16_t *x, int64_t k, const uint16_t *b, float *sums,
-                           float *acc, int rows, int first, const uint16_t *s) {
-    switch (rows) {
-    case 1: dot_piece(x, k, b, sums, acc, 1, first, s); break;
-    case 2: dot_piece(x, k, b, sums, acc, 2, first, s); break;
-    case 3: dot_piece(x, k, b, sums, acc, 3, first, s); break;
-    case 4: dot_piece(x, k, b, sums, acc, 4, first, s); break;
-    case 5: dot_piece(x, k, b, sums, acc, 5, first, s); break;
-    case 6: dot_piece(x, k, b, sums, acc, 6, first, s); break;
-    default: dot_piece(x, k, b, sums, acc, 7, first, s); break;
-    }
-}
-
-/* Rows m0 .. m0 + rows - 1 of x (rows <= X_CHUNK) against rows 32 nb .. 32 nb + 31 of W. */
-static void gemm_chunk_avx512(const uint16_t *x, const uint8_t *kernel, const uint16_t *scales,
-                              __m512i table, uint16_t *out, int64_t m0, int rows, int64_t n,
-                              int64_t k, int64_t blocksize, int64_t nb) {
-    uint16_t piece[1024] __attribute__((aligned(64)));
-    float sums[X_CHUNK * 32] __attribute__((aligned(64)));
-    float acc[X_CHUNK * 32] __attribute__((aligned(64)));
-    memset(acc, 0, sizeof(float) * 32 * (size_t)rows);
-    const uint8_t *w = kernel + nb * (k / 2) * 32;
-    const int64_t pieces = k / 32, per_block = blocksize / 32;
-    for (int64_t kt = 0; kt < pieces; ++kt) {
-        decode_piece_codes(w + kt * 512, table, piece);
-        const int first = kt % per_block == 0;
-        const int last = kt % per_block == per_block - 1 || kt == pieces - 1;
-        const uint16_t *s = last ? scales + (32 * kt / blocksize) * n + 32 * nb : NULL;
-        const uint16_t *xs = x + m0 * k + 32 * kt;
-        int i = 0;
-        for (; i + X_ROWS <= rows; i += X_ROWS)
-            dot_piece(xs + i * k, k, piece, sums + 32 * i, acc + 32 * i, X_ROWS, first, s);
-        if (i < rows)
-            dot_piece_tail(xs + i * k, k, piece, sums + 32 * i, acc + 32 * i, rows - i, first, s);
-    }
-    for (int i = 0; i < rows; ++i) {
-        const __m512i v = (__m512i)_mm512_cvtne2ps_pbh(_mm512_load_ps(acc + 32 * i + 16),
-                                                       _mm512_load_ps(acc + 32 * i));
-        _mm512_storeu_si512(out + (m0 + i) * n + 32 * nb, v);
-    }
-}
-
-/* Decode steps (up to FEW_X_ROWS rows of x): with one or two rows each block's sums are
- * single dependency chains of VDPBF16PS, and storing each decoded piece to reload it costs
- * more than the dot products (Zen 4: 1.5x the fused kernel's time at M = 1). So each piece
- * is decoded into registers and used there, for `nbs` blocks of 32 rows of W side by side:
- * the same operations in the same order as gemm_chunk_avx512 for every output. */
-#define FEW_X_ROWS 8
-#define FEW_BLOCKS 4
-
-/* Blocks side by side for `rows` rows: 2 x rows x blocks float32 sums, 16 of the 32
- * registers. */
-static inline int64_t few_blocks(int64_t rows) { return rows <= 2 ? 4 : rows <= 4 ? 2 : 1; }
-
-static inline __attribute__((always_inline)) void gemm_few_rows_avx512(
+/* out rows [0, rows) (+ columns of blocks nb .. nb + nbs - 1) from x rows [0, rows). */
+static inline __attribute__((always_inline)) void pass_avx512(
     const uint16_t *x, const uint8_t *kernel, const uint16_t *scales, __m512i table,
     uint16_t *out, int rows, int nbs, int64_t n, int64_t k, int64_t blocksize, int64_t nb) {
     const __m512i nibble = _mm512_set1_epi16(0xF);
-    __m512 sum[FEW_BLOCKS][FEW_X_ROWS][2], acc[FEW_BLOCKS][FEW_X_ROWS][2];
+    __m512 sum[MAX_BLOCKS][PASS_ROWS][2], acc[MAX_BLOCKS][PASS_ROWS][2];
     for (int j = 0; j < nbs; ++j)
         for (int i = 0; i < rows; ++i)
             acc[j][i][0] = acc[j][i][1] = sum[j][i][0] = sum[j][i][1] = _mm512_setzero_ps();
     const int64_t pieces = k / 32, per_block = blocksize / 32;
     for (int64_t kt = 0; kt < pieces; ++kt) {
         for (int r = 0; r < 16; ++r) {
-            __m512bh xv[FEW_X_ROWS];
+            __m512bh xv[PASS_ROWS];
             for (int i = 0; i < rows; ++i) {
                 int32_t pair;
                 memcpy(&pair, x + i * k + 32 * kt + 2 * r, sizeof pair);
@@ -353,7 +268,7 @@ static inline __attribute__((always_inline)) void gemm_few_rows_avx512(
                 }
             }
         }
-        if (kt % per_block == per_block - 1 || kt == pieces - 1) {
+        if (kt % per_block == per_block - 1 || kt == pieces - 1) {  /* a block's last piece */
             for (int j = 0; j < nbs; ++j) {
                 const uint16_t *s = scales + (32 * kt / blocksize) * n + 32 * (nb + j);
                 const __m512 s_lo = bf16x16_to_f32(s), s_hi = bf16x16_to_f32(s + 16);
@@ -371,50 +286,45 @@ static inline __attribute__((always_inline)) void gemm_few_rows_avx512(
                                 (__m512i)_mm512_cvtne2ps_pbh(acc[j][i][1], acc[j][i][0]));
 }
 
-/* gemm_few_rows_avx512 with the counts as constants (the sums stay in registers): from
- * block nb, few_blocks(rows) blocks if `whole`, else one. */
-static void few_rows_avx512(const uint16_t *x, const uint8_t *kernel, const uint16_t *scales,
-                            __m512i table, uint16_t *out, int rows, int whole, int64_t n,
-                            int64_t k, int64_t blocksize, int64_t nb) {
-#define FEW(R, B) gemm_few_rows_avx512(x, kernel, scales, table, out, R, B, n, k, blocksize, nb)
+/* pass_avx512 with the counts as constants, so the sums stay in registers: `wide` =
+ * blocks_side_by_side(rows) blocks from nb, else one. */
+static void pass_of(const uint16_t *x, const uint8_t *kernel, const uint16_t *scales,
+                    __m512i table, uint16_t *out, int rows, int wide, int64_t n, int64_t k,
+                    int64_t blocksize, int64_t nb) {
+#define PASS(R, B) pass_avx512(x, kernel, scales, table, out, R, B, n, k, blocksize, nb)
     switch (rows) {
-    case 1: if (whole) FEW(1, 4); else FEW(1, 1); break;
-    case 2: if (whole) FEW(2, 4); else FEW(2, 1); break;
-    case 3: if (whole) FEW(3, 2); else FEW(3, 1); break;
-    case 4: if (whole) FEW(4, 2); else FEW(4, 1); break;
-    case 5: FEW(5, 1); break;
-    case 6: FEW(6, 1); break;
-    case 7: FEW(7, 1); break;
-    default: FEW(8, 1); break;
+    case 1: if (wide) PASS(1, 4); else PASS(1, 1); break;
+    case 2: if (wide) PASS(2, 4); else PASS(2, 1); break;
+    case 3: if (wide) PASS(3, 2); else PASS(3, 1); break;
+    case 4: if (wide) PASS(4, 2); else PASS(4, 1); break;
+    case 5: PASS(5, 1); break;
+    case 6: PASS(6, 1); break;
+    case 7: PASS(7, 1); break;
+    default: PASS(8, 1); break;
     }
-#undef FEW
+#undef PASS
 }
 
-/* Blocks of 32 rows of W split over the OpenMP threads (torch's runtime, as for AMX). */
+/* Groups of blocks of 32 rows of W split over the OpenMP threads (torch's runtime, as for
+ * AMX); for each, passes of at most PASS_ROWS rows of x, evenly split (9 rows: 5 + 4). */
 void gemm_4bit_avx512(const uint16_t *x, const uint8_t *kernel, const uint16_t *scales,
                       const float *code, uint16_t *out, int64_t m, int64_t n, int64_t k,
                       int64_t blocksize) {
     const __m512i table = bf16_code_table(code);
-    if (m <= FEW_X_ROWS) {
-        const int64_t blocks = n / 32, wide = few_blocks((int)m);
-        const int64_t groups = (blocks + wide - 1) / wide;
+    const int64_t passes = (m + PASS_ROWS - 1) / PASS_ROWS, per_pass = (m + passes - 1) / passes;
+    const int64_t blocks = n / 32, group = passes == 1 ? blocks_side_by_side(m) : 1;
 #pragma omp parallel for schedule(static)
-        for (int64_t g = 0; g < groups; ++g) {
-            const int64_t nb = g * wide;
-            if (nb + wide <= blocks)
-                few_rows_avx512(x, kernel, scales, table, out, (int)m, 1, n, k, blocksize, nb);
-            else
-                for (int64_t b = nb; b < blocks; ++b)
-                    few_rows_avx512(x, kernel, scales, table, out, (int)m, 0, n, k,
-                                    blocksize, b);
+    for (int64_t g = 0; g < (blocks + group - 1) / group; ++g) {
+        const int64_t nb = g * group;
+        if (group > 1 && nb + group <= blocks) {
+            pass_of(x, kernel, scales, table, out, (int)m, 1, n, k, blocksize, nb);
+            continue;
         }
-        return;
+        for (int64_t b = nb; b < nb + group && b < blocks; ++b)
+            for (int64_t m0 = 0; m0 < m; m0 += per_pass)
+                pass_of(x + m0 * k, kernel, scales, table, out + m0 * n,
+                        (int)(m - m0 < per_pass ? m - m0 : per_pass), 0, n, k, blocksize, b);
     }
-#pragma omp parallel for schedule(static)
-    for (int64_t nb = 0; nb < n / 32; ++nb)
-        for (int64_t m0 = 0; m0 < m; m0 += X_CHUNK)
-            gemm_chunk_avx512(x, kernel, scales, table, out, m0,
-                              m - m0 < X_CHUNK ? (int)(m - m0) : X_CHUNK, n, k, blocksize, nb);
 }
 
 /* ------------------------------------------------------------------ AMX GEMM
