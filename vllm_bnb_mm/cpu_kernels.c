@@ -225,7 +225,7 @@ static inline void decode_piece_codes(const uint8_t *src, __m512i table, uint16_
  * registers in VDPBF16PS's operand order (decode_piece_codes' B tile rows) and used there at
  * once by up to 8 rows of x, whose float32 sums stay in registers. Storing decoded pieces to
  * reload them for more rows costs more than decoding again per 8 rows (Zen 4, one thread:
- * 1.1-1.35x the time of this at 9-512 rows; 1.5x the fused kernel's time at one row). */
+ * 1.1-1.6x the time of this at 9-512 rows; 1.5x the fused kernel's time at one row). */
 
 #define PASS_ROWS 8   /* rows of x per pass over a block of W */
 #define MAX_BLOCKS 4  /* blocks of W side by side in one pass */
