@@ -206,13 +206,19 @@ static inline __m512i bf16_code_table(const float *code) {
  * are applied to the block sums): byte i of a row's 32 bytes is lane i of both B tiles'
  * row (low nibble: rows n < 16, high nibble: rows n >= 16). One widen and two 16-bit table
  * lookups per 64 weights. */
+static inline void decode_row_codes(const uint8_t *src, __m512i table, __m512i *low,
+                                    __m512i *high) {
+    const __m512i q = _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i *)src));
+    *low = _mm512_permutexvar_epi16(_mm512_and_si512(q, _mm512_set1_epi16(0xF)), table);
+    *high = _mm512_permutexvar_epi16(_mm512_srli_epi16(q, 4), table);
+}
+
 static inline void decode_piece_codes(const uint8_t *src, __m512i table, uint16_t *b) {
-    const __m512i nibble = _mm512_set1_epi16(0xF);
     for (int r = 0; r < 16; ++r, src += 32) {
-        const __m512i q = _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i *)src));
-        const __m512i low = _mm512_and_si512(q, nibble), high = _mm512_srli_epi16(q, 4);
-        _mm512_store_si512(b + 32 * r, _mm512_permutexvar_epi16(low, table));
-        _mm512_store_si512(b + 512 + 32 * r, _mm512_permutexvar_epi16(high, table));
+        __m512i low, high;
+        decode_row_codes(src, table, &low, &high);
+        _mm512_store_si512(b + 32 * r, low);
+        _mm512_store_si512(b + 512 + 32 * r, high);
     }
 }
 
@@ -228,20 +234,20 @@ static inline void decode_piece_codes(const uint8_t *src, __m512i table, uint16_
  * 1.1-1.6x the time of this at 9-512 rows; 1.5x the fused kernel's time at one row). */
 
 #define PASS_ROWS 8   /* rows of x per pass over a block of W */
-#define MAX_BLOCKS 4  /* blocks of W side by side in one pass */
+/* Blocks of W side by side in a single pass of 1-2 / 3-4 rows (one block from 5): 2 x rows
+ * x blocks float32 sums, 16 of the 32 registers; with one or two rows, a single block's
+ * sums would be one dependency chain of VDPBF16PS each. */
+#define MAX_BLOCKS 4
+#define BLOCKS_3_4_ROWS 2
 
-/* Blocks side by side for a pass of `rows` rows, when there is one pass: 2 x rows x blocks
- * float32 sums, 16 of the 32 registers; with one or two rows, a single block's sums would
- * be one dependency chain of VDPBF16PS each. */
 static inline int64_t blocks_side_by_side(int64_t rows) {
-    return rows <= 2 ? 4 : rows <= 4 ? 2 : 1;
+    return rows <= 2 ? MAX_BLOCKS : rows <= 4 ? BLOCKS_3_4_ROWS : 1;
 }
 
 /* out rows [0, rows) (+ columns of blocks nb .. nb + nbs - 1) from x rows [0, rows). */
 static inline __attribute__((always_inline)) void pass_avx512(
     const uint16_t *x, const uint8_t *kernel, const uint16_t *scales, __m512i table,
     uint16_t *out, int rows, int nbs, int64_t n, int64_t k, int64_t blocksize, int64_t nb) {
-    const __m512i nibble = _mm512_set1_epi16(0xF);
     __m512 sum[MAX_BLOCKS][PASS_ROWS][2], acc[MAX_BLOCKS][PASS_ROWS][2];
     for (int j = 0; j < nbs; ++j)
         for (int i = 0; i < rows; ++i)
@@ -256,15 +262,12 @@ static inline __attribute__((always_inline)) void pass_avx512(
                 xv[i] = (__m512bh)_mm512_set1_epi32(pair);
             }
             for (int j = 0; j < nbs; ++j) {
-                const uint8_t *src = kernel + (nb + j) * (k / 2) * 32 + kt * 512 + 32 * r;
-                const __m512i q = _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i *)src));
-                const __m512bh b_lo =
-                    (__m512bh)_mm512_permutexvar_epi16(_mm512_and_si512(q, nibble), table);
-                const __m512bh b_hi =
-                    (__m512bh)_mm512_permutexvar_epi16(_mm512_srli_epi16(q, 4), table);
+                __m512i b_lo, b_hi;
+                decode_row_codes(kernel + (nb + j) * (k / 2) * 32 + kt * 512 + 32 * r, table,
+                                 &b_lo, &b_hi);
                 for (int i = 0; i < rows; ++i) {
-                    sum[j][i][0] = _mm512_dpbf16_ps(sum[j][i][0], xv[i], b_lo);
-                    sum[j][i][1] = _mm512_dpbf16_ps(sum[j][i][1], xv[i], b_hi);
+                    sum[j][i][0] = _mm512_dpbf16_ps(sum[j][i][0], xv[i], (__m512bh)b_lo);
+                    sum[j][i][1] = _mm512_dpbf16_ps(sum[j][i][1], xv[i], (__m512bh)b_hi);
                 }
             }
         }
@@ -293,10 +296,10 @@ static void pass_of(const uint16_t *x, const uint8_t *kernel, const uint16_t *sc
                     int64_t blocksize, int64_t nb) {
 #define PASS(R, B) pass_avx512(x, kernel, scales, table, out, R, B, n, k, blocksize, nb)
     switch (rows) {
-    case 1: if (wide) PASS(1, 4); else PASS(1, 1); break;
-    case 2: if (wide) PASS(2, 4); else PASS(2, 1); break;
-    case 3: if (wide) PASS(3, 2); else PASS(3, 1); break;
-    case 4: if (wide) PASS(4, 2); else PASS(4, 1); break;
+    case 1: if (wide) PASS(1, MAX_BLOCKS); else PASS(1, 1); break;
+    case 2: if (wide) PASS(2, MAX_BLOCKS); else PASS(2, 1); break;
+    case 3: if (wide) PASS(3, BLOCKS_3_4_ROWS); else PASS(3, 1); break;
+    case 4: if (wide) PASS(4, BLOCKS_3_4_ROWS); else PASS(4, 1); break;
     case 5: PASS(5, 1); break;
     case 6: PASS(6, 1); break;
     case 7: PASS(7, 1); break;
