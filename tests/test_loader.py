@@ -14,7 +14,7 @@ from vllm.config.load import LoadConfig
 
 from bnb_files import packed_4bit_tensors, packed_8bit_tensors, write
 from vllm_bnb_mm.checkpoint import CheckpointError, scan_checkpoint
-from vllm_bnb_mm.loader import BnbModelLoader, frozen_gc_heap
+from vllm_bnb_mm.loader import BnbModelLoader, frozen_gc_heap, prefault_parameters
 
 
 class PlainModel(nn.Module):
@@ -178,9 +178,13 @@ def test_packed_tensor_with_a_name_the_model_does_not_know_is_an_error(tmp_path)
         _loader(path).load_weights(LayerCountOverrideModel([Layer()]), None)
 
 
-def _rss_file_kib() -> int:
+def _rss_kib(kind: str) -> int:
     with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith("RssFile:"))
+        return next(int(line.split()[1]) for line in f if line.startswith(f"Rss{kind}:"))
+
+
+def _rss_file_kib() -> int:
+    return _rss_kib("File")
 
 
 class RssWatchingModel(PlainModel):
@@ -210,6 +214,17 @@ def test_file_pages_already_copied_leave_the_process_during_the_load(tmp_path):
     assert growth_mib < 12, f"file-backed RSS grew {growth_mib:.1f} MiB while loading 32 MiB"
     for i, name in enumerate(shapes):  # every byte still arrived
         assert torch.equal(getattr(model, name), torch.full(shapes[name], float(i)))
+
+
+def test_parameter_memory_is_mapped_before_the_weights_are_copied_in():
+    # 64 MiB: above glibc's largest mmap threshold, so fresh pages nobody touched yet.
+    model = nn.Module()
+    model.big = nn.Parameter(torch.empty(64 << 20, dtype=torch.uint8), requires_grad=False)
+    model.tied = model.big
+    before = _rss_kib("Anon")
+    prefault_parameters(model)
+    growth_mib = (_rss_kib("Anon") - before) / 1024
+    assert 63 <= growth_mib < 66, f"anonymous RSS grew {growth_mib:.1f} MiB for 64 MiB"
 
 
 class _Cycle:

@@ -10,11 +10,13 @@ Every checkpoint tensor goes to the parameter the model's own `load_weights` pic
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import gc
 import glob
 import hashlib
 import json
 import os
+import sys
 from collections.abc import Iterator
 from typing import NoReturn
 
@@ -73,6 +75,7 @@ class BnbModelLoader(BaseModelLoader):
         if adjust is not None:
             states = adjust(states)
         PACKED.reset()
+        prefault_parameters(model)
         restore = route_weight_loaders(model)
         try:
             loaded = model.load_weights(checkpoint_weights(layout, states, reader))
@@ -136,6 +139,35 @@ def frozen_gc_heap() -> Iterator[None]:
         yield
     finally:
         gc.unfreeze()
+
+
+_MADV_POPULATE_WRITE = 23  # Linux >= 5.14; older kernels answer EINVAL and fault as before
+_PREFAULT_MIN_BYTES = 1 << 20
+
+
+def prefault_parameters(model: nn.Module) -> None:
+    """Map the memory of every CPU parameter in one `madvise(MADV_POPULATE_WRITE)` per
+    storage, before the weights are copied in. The parameters are fresh `torch.empty`
+    memory, and copying into it takes a page fault per 4 KiB page: on the virtual machines
+    we measure on, 0.18 s of a 0.23 s copy of 459 MB, while populating the same pages in
+    one call per tensor takes 0.15 s and the copy then 0.05 s. Loading writes every
+    parameter (check_all_params_loaded), so this maps no page that would stay unmapped."""
+    if sys.platform != "linux":
+        return
+    madvise = ctypes.CDLL(None, use_errno=True).madvise
+    madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    page = os.sysconf("SC_PAGE_SIZE")
+    seen: set[int] = set()
+    for param in model.parameters():
+        storage = param.untyped_storage()
+        if param.device.type != "cpu" or storage.nbytes() < _PREFAULT_MIN_BYTES:
+            continue
+        if storage.data_ptr() in seen:  # tied weights
+            continue
+        seen.add(storage.data_ptr())
+        start = -(-storage.data_ptr() // page) * page
+        end = (storage.data_ptr() + storage.nbytes()) // page * page
+        madvise(start, end - start, _MADV_POPULATE_WRITE)
 
 
 ALLOW_PICKLE_ENV = "VLLM_BNB_ALLOW_PICKLE"
