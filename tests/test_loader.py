@@ -221,6 +221,7 @@ def test_parameter_memory_is_mapped_before_the_weights_are_copied_in():
     model = nn.Module()
     model.big = nn.Parameter(torch.empty(64 << 20, dtype=torch.uint8), requires_grad=False)
     model.tied = model.big
+    model.lazy = nn.UninitializedParameter(requires_grad=False)  # no memory yet: skipped
     before = _rss_kib("Anon")
     prefault_parameters(model)
     growth_mib = (_rss_kib("Anon") - before) / 1024

@@ -159,11 +159,11 @@ def prefault_parameters(model: nn.Module) -> None:
     page = os.sysconf("SC_PAGE_SIZE")
     seen: set[int] = set()
     for param in model.parameters():
+        if param.device.type != "cpu" or isinstance(param, nn.UninitializedParameter):
+            continue  # lazy parameters have no memory yet
         storage = param.untyped_storage()
-        if param.device.type != "cpu" or storage.nbytes() < _PREFAULT_MIN_BYTES:
-            continue
-        if storage.data_ptr() in seen:  # tied weights
-            continue
+        if storage.nbytes() < _PREFAULT_MIN_BYTES or storage.data_ptr() in seen:
+            continue  # small, or tied to a parameter already done
         seen.add(storage.data_ptr())
         start = -(-storage.data_ptr() // page) * page
         end = (storage.data_ptr() + storage.nbytes()) // page * page
