@@ -202,10 +202,10 @@ static inline __m512i bf16_code_table(const float *code) {
     return _mm512_castsi256_si512((__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(code)));
 }
 
-/* As decode_piece, but bf16 code values only, for the fused kernel's arithmetic (the scales
- * are applied to the block sums): byte i of a row's 32 bytes is lane i of both B tiles'
- * row (low nibble: rows n < 16, high nibble: rows n >= 16). One widen and two 16-bit table
- * lookups per 64 weights. */
+/* One row of a 32 x 32 piece as bf16 code values only, for the fused kernel's arithmetic
+ * (the scales are applied to the block sums): byte i of the row's 32 bytes is lane i of
+ * `low` (its low nibble: weight rows n < 16) and of `high` (high nibble: rows n >= 16).
+ * One widen and two 16-bit table lookups per 64 weights. */
 static inline void decode_row_codes(const uint8_t *src, __m512i table, __m512i *low,
                                     __m512i *high) {
     const __m512i q = _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i *)src));
@@ -213,6 +213,7 @@ static inline void decode_row_codes(const uint8_t *src, __m512i table, __m512i *
     *high = _mm512_permutexvar_epi16(_mm512_srli_epi16(q, 4), table);
 }
 
+/* As decode_piece, but code values only: the piece's 16 rows into the two B tiles. */
 static inline void decode_piece_codes(const uint8_t *src, __m512i table, uint16_t *b) {
     for (int r = 0; r < 16; ++r, src += 32) {
         __m512i low, high;
