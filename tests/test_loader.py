@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gc
 import logging
+import mmap
 import weakref
 
 import pytest
@@ -216,6 +217,19 @@ def test_file_pages_already_copied_leave_the_process_during_the_load(tmp_path):
         assert torch.equal(getattr(model, name), torch.full(shapes[name], float(i)))
 
 
+def _kernel_populates_on_advice() -> bool:
+    probe = mmap.mmap(-1, mmap.PAGESIZE)
+    try:
+        probe.madvise(23)  # MADV_POPULATE_WRITE: Linux >= 5.14
+        return True
+    except (OSError, ValueError):
+        return False
+    finally:
+        probe.close()
+
+
+@pytest.mark.skipif(not _kernel_populates_on_advice(),
+                    reason="this kernel has no MADV_POPULATE_WRITE: loading faults as before")
 def test_parameter_memory_is_mapped_before_the_weights_are_copied_in():
     # 64 MiB: above glibc's largest mmap threshold, so fresh pages nobody touched yet.
     model = nn.Module()
